@@ -1,0 +1,174 @@
+"""Command line: ``bemsoft-monitor run | retry | status | check | catalog | mapping | simulator | demo``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import ConfigError
+
+RET_OK = 0
+RET_ERROR = 1
+RET_CONFIG = 2
+RET_CHECK_FAILED = 3
+RET_NOTHING_TO_DO = 0
+
+log = logging.getLogger("bemsoft_monitor")
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="bemsoft-monitor",
+    help="Monitor SQL → Bemsoft: lê itens de exames do LIS e envia pedidos à API Bemsoft.",
+    no_args_is_help=False,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bemsoft-monitor {__version__}")
+        raise typer.Exit(RET_OK)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Mostra a versão e sai.")] = False,
+) -> None:
+    """Sem comando, equivale a ``run`` (como ``python main.py``)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    """Load settings or print every problem in Portuguese and exit 2."""
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        err_console.print("[bold red]Configuração inválida[/] (arquivo .env ou variáveis de "
+                          "ambiente):", highlight=False)
+        for line in exc.problems:
+            err_console.print(f"  ✗ {line}", highlight=False, markup=False)
+        err_console.print("Corrija os itens acima (veja .env.example) e rode de novo.",
+                          highlight=False)
+        raise typer.Exit(RET_CONFIG) from None
+
+
+def configure_logging(settings: Settings, *, verbose: bool = False) -> None:
+    """Logging from the settings; ``--verbose`` means DEBUG (payloads shown, masked)."""
+    from .logsetup import setup_logging
+
+    setup_logging(
+        level="DEBUG" if verbose else settings.log_level, fmt=settings.log_format,
+        log_file=settings.log_file, max_bytes=settings.log_max_bytes,
+        backup_count=settings.log_backup_count,
+        secrets=tuple(s for s in (settings.token, settings.db_pass.get_secret_value()
+                                  if settings.db_pass else "") if s),
+        show_pii=settings.log_pii,
+    )
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM (and SIGBREAK, a Windows service stop) end the loop gracefully."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            return
+        log.info("sinal %s recebido: parando com segurança", signal.Signals(signum).name)
+        stop.set()
+
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, handler)
+
+
+@app.command()
+def run(
+    once: Annotated[bool, typer.Option("--once", help="Faz um ciclo completo e sai.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="Mostra os payloads (dados do paciente "
+                                               "mascarados, salvo LOG_PII=1).")] = False,
+) -> None:
+    """Roda o monitor: lê o LIS, espera a solicitação assentar e envia à Bemsoft."""
+    settings = settings_or_exit()
+    configure_logging(settings, verbose=verbose)
+    from .app import build_monitor, build_parts
+
+    try:
+        parts = build_parts(settings)
+    except ConfigError as exc:
+        for line in exc.problems:
+            err_console.print(f"✗ {line}", highlight=False, markup=False)
+        raise typer.Exit(RET_CONFIG) from None
+    monitor = build_monitor(parts)
+    log.info("Bemsoft Monitor %s iniciado (%s; terceiros: %s)", __version__,
+             "DRY_RUN, nada será enviado" if settings.bemsoft_dry_run else "envio real",
+             ", ".join(settings.support_labs))
+    if once:
+        try:
+            stats = monitor.cycle(drain=True)
+        finally:
+            monitor.close()
+        log.info("ciclo concluído: %d lido(s), %d novo(s), %d pedido(s) criado(s), %d "
+                 "enviado(s), %d recusado(s)", stats.read, stats.new, stats.orders_created,
+                 stats.sent, stats.refused)
+        raise typer.Exit(RET_OK)
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    monitor.run(stop)
+    log.info("monitor parado")
+    raise typer.Exit(RET_OK)
+
+
+@app.command()
+def simulator(
+    port: Annotated[int, typer.Option(help="Porta (0 = livre).")] = 8080,
+    host: Annotated[str, typer.Option(help="Endereço de escuta.")] = "127.0.0.1",
+    token: Annotated[str, typer.Option(help="Token Bearer aceito.")] = "sim-token",
+    catalog: Annotated[Path | None, typer.Option("--catalog",
+                                                 help="Arquivo JSON no formato de GET /tests.")]
+    = None,
+    extid_max: Annotated[int, typer.Option("--extid-max", help="Tamanho máximo de externalId.")]
+    = 20,
+    latency: Annotated[float, typer.Option(help="Latência fixa por POST, em segundos.")] = 0.0,
+) -> None:
+    """Simulador local da API Bemsoft (GET /tests, POST /requests, GET /saved)."""
+    from .simulator import serve
+
+    if catalog is not None and not catalog.is_file():
+        err_console.print(f"✗ arquivo de catálogo não encontrado: {catalog}", highlight=False)
+        raise typer.Exit(RET_CONFIG)
+    serve(host=host, port=port, token=token, catalog_path=catalog, extid_max=extid_max,
+          latency_s=latency)
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option("--dir", help="Pasta da demonstração.")] =
+    Path("demo_run"),
+) -> None:
+    """Demonstração completa: LIS SQLite de exemplo + simulador local, nada a configurar."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(folder))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, prog_name="bemsoft-monitor", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
+        sys.exit(130)

@@ -1,0 +1,230 @@
+"""The demo: a SQLite LIS with realistic sample data, the simulator, the monitor, a summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+from .config import Settings
+from .source import LisTables, lis_tables
+
+log = logging.getLogger(__name__)
+
+LAB_DB = "DIAGNÓSTICO DO BRASIL - DB"
+LAB_PARDINI = "AME-SE - PARDINI"
+LAB_OTHER = "LABORATÓRIO NÃO CONFIGURADO"
+DEMO_TERCEIROS = f"{LAB_DB},{LAB_PARDINI}"
+MAX_CYCLES = 50
+
+
+def create_lis(engine: sa.Engine) -> LisTables:
+    """Create the four LIS tables (for the demo and tests)."""
+    tables = lis_tables(None)
+    tables.item.metadata.create_all(engine)
+    return tables
+
+
+def _patients() -> list[dict[str, Any]]:
+    return [
+        {"codpaciente": 3384, "nome": "MARIA JOSÉ DA CONCEIÇÃO", "cpf": "123.456.789-09",
+         "datanasc": dt.datetime(1990, 5, 15), "sexo": "F", "fone": "(79) 99876-5432",
+         "EmailPac": "maria.conceicao@example.com", "cidade": "Aracaju", "uf": "SE"},
+        {"codpaciente": 3385, "nome": "JOÃO  D'ÁVILA NETO", "cpf": "98765432100",
+         "datanasc": dt.datetime(1958, 11, 2), "sexo": "Masculino", "fone": None,
+         "EmailPac": None, "cidade": "Lagarto", "uf": "SE"},
+        {"codpaciente": 3386, "nome": "ANA LÚCIA SANT'ANNA", "cpf": None,
+         "datanasc": None, "sexo": "feminino", "fone": "79 3211-0000",
+         "EmailPac": None, "cidade": "Itabaiana", "uf": "SE"},
+        {"codpaciente": 3387, "nome": "PEDRO HENRIQUE  SOUZA", "cpf": "111.222.333-44",
+         "datanasc": dt.datetime(1900, 1, 1), "sexo": "I", "fone": None,
+         "EmailPac": None, "cidade": "Estância", "uf": "SE"},
+        {"codpaciente": 3388, "nome": "CLÁUDIA REGINA ALVES", "cpf": "22233344455",
+         "datanasc": dt.datetime(1975, 3, 30), "sexo": "F", "fone": None,
+         "EmailPac": None, "cidade": "Aracaju", "uf": "SE"},
+    ]
+
+
+def _requisitions(today: dt.date) -> list[dict[str, Any]]:
+    day = dt.datetime(today.year, today.month, today.day)
+    return [
+        {"codsolicitacao": 4497, "codpaciente": 3384, "dtaentrada": day, "Hora": "08:00"},
+        {"codsolicitacao": 4498, "codpaciente": 3385, "dtaentrada": day, "Hora": "8:15"},
+        {"codsolicitacao": 4499, "codpaciente": 3386, "dtaentrada": None, "Hora": None},
+        {"codsolicitacao": 4500, "codpaciente": 3387, "dtaentrada": day, "Hora": "xx"},
+        {"codsolicitacao": 4501, "codpaciente": 3388, "dtaentrada": day, "Hora": "22:40:00"},
+    ]
+
+
+def _items(today: dt.date) -> list[dict[str, Any]]:
+    day = dt.datetime(today.year, today.month, today.day)
+    nxt = day + dt.timedelta(days=1)
+
+    def item(cod: int, sol: int, code: str | None, desc: str, lab: str,
+             at: dt.datetime | None, texame: int | None = None) -> dict[str, Any]:
+        return {"CodItemSol": cod, "CodSolicitacao": sol, "CodTExame": texame, "DataEntrada": at,
+                "DescExames": desc, "CodConvExames": code, "NomeTerceirizado": lab,
+                "Valor": 10, "VlTerceirizado": 5, "SituacaoResultado": None, "Origem": "Sistema"}
+
+    return [
+        item(17065, 4497, "FE", "FERRO SERICO", LAB_DB, day.replace(hour=8, minute=10), 10),
+        item(17066, 4497, "TSH", "TSH - HORMÔNIO TIREOESTIMULANTE", LAB_DB,
+             day.replace(hour=8, minute=10), 11),
+        item(17067, 4497, "HEMOGRAMA", "HEMOGRAMA COMPLETO", "diagnóstico do brasil - db  ",
+             day.replace(hour=8, minute=12)),
+        item(17068, 4498, " gli ", "GLICOSE", LAB_PARDINI, day.replace(hour=8, minute=20)),
+        item(17069, 4498, "CREA", "CREATININA", LAB_PARDINI, day.replace(hour=8, minute=20)),
+        item(17070, 4498, "XYZ9", "EXAME SEM CADASTRO", LAB_PARDINI, None),
+        item(17071, 4499, "VITD", "VITAMINA D (25-HIDROXI)", LAB_DB, None),
+        item(17072, 4499, None, "EXAME SEM CÓDIGO", LAB_DB, None),
+        item(17073, 4500, "PSA", "PSA TOTAL", LAB_DB, day.replace(hour=9)),
+        item(17074, 4501, "TGO", "TGO (AST)", LAB_DB, nxt.replace(hour=0, minute=20)),
+        item(17075, 4501, "TGP", "TGP (ALT)", LAB_DB, day.replace(hour=22, minute=45)),
+        item(17076, 4501, "COL", "COLESTEROL TOTAL", LAB_OTHER, day.replace(hour=22, minute=45)),
+    ]
+
+
+LATE_ITEM = {"CodItemSol": 17090, "CodSolicitacao": 4497, "CodTExame": None,
+             "DescExames": "VITAMINA B12", "CodConvExames": "B12", "NomeTerceirizado": LAB_DB,
+             "Valor": 10, "VlTerceirizado": 5, "SituacaoResultado": None, "Origem": "Sistema"}
+
+
+def seed_lis(engine: sa.Engine, today: dt.date) -> LisTables:
+    """Create the demo LIS with sample data."""
+    t = create_lis(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(t.exam), [
+            {"CodTexame": 10, "CodigoExame": "FE", "descricao": "FERRO SÉRICO"},
+            {"CodTexame": 11, "CodigoExame": "TSH", "descricao": "TSH"},
+        ])
+        conn.execute(sa.insert(t.patient), _patients())
+        conn.execute(sa.insert(t.requisition), _requisitions(today))
+        conn.execute(sa.insert(t.item), _items(today))
+    return t
+
+
+def demo_settings(folder: Path, *, base_url: str, token: str) -> Settings:
+    """Settings of the demo: everything inside ``folder``, nothing to configure."""
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        db_url=f"sqlite:///{(folder / 'lis_demo.db').as_posix()}",
+        terceiros=DEMO_TERCEIROS,
+        poll_seconds=0.2,
+        debounce_seconds=0,
+        initial_item_id="0",
+        out_of_order_grace_seconds=0,
+        failed_dir=folder / "failed_events",
+        refused_report=folder / "itens_recusados.csv",
+        bemsoft_base_url=base_url,
+        bemsoft_token=token,
+        bemsoft_dry_run=False,
+        bemsoft_catalog_cache=folder / "catalogo_bemsoft.json",
+        bemsoft_test_map_path=folder / "tests_map.json",
+        bemsoft_material_map_path=folder / "materiais.csv",
+        bemsoft_backoff=0.05,
+        bemsoft_backoff_max=0.2,
+        default_birthdate=dt.date(1970, 1, 1),
+        physician_name="DRA. HELENA MACHADO",
+        physician_council="CRM",
+        physician_number="123456",
+        physician_uf="SE",
+        log_level="INFO",
+    )
+
+
+def write_demo_files(folder: Path) -> None:
+    """Map files of the demo: a code map and a material map missing GLI on purpose."""
+    (folder / "tests_map.json").write_text(
+        json.dumps({"HEMOGRAMA": "HMG", "12345": "TSH"}, indent=2), encoding="utf-8")
+    (folder / "materiais.csv").write_text("codigo;material\nCREA;Soro\n", encoding="utf-8")
+
+
+def drive_until_quiet(monitor: Any, *, max_cycles: int = MAX_CYCLES) -> int:
+    """Run cycles until nothing is due or in flight; return how many ran."""
+    from .store import ORDER_PENDING
+
+    for n in range(1, max_cycles + 1):
+        monitor.cycle(drain=True)
+        pending = monitor.store.counts()["orders"].get(ORDER_PENDING, 0)
+        due = monitor.store.next_due_at()
+        if not pending and due is None:
+            return n
+    return max_cycles
+
+
+def summary_table(store: Any) -> Table:
+    """Requisitions with their items' fate."""
+    import sqlalchemy as sa_
+
+    table = Table(title="Resultado da demonstração", show_lines=False)
+    for col in ("Solicitação", "Item", "Exame", "Situação", "Motivo"):
+        table.add_column(col, overflow="fold")
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa_.select(store.items).order_by(store.items.c.RequisitionId,
+                                                             store.items.c.ItemId)).all()
+    labels = {"delivered": "[green]entregue[/]", "refused": "[yellow]recusado[/]",
+              "dead": "[red]falhou[/]", "conferir": "[magenta]conferir[/]",
+              "cancelled": "cancelado", "pending": "aguardando", "ordered": "na fila"}
+    for r in rows:
+        snap = json.loads(r.Snapshot) if r.Snapshot else {}
+        exam = (snap.get("conv_code") or "").strip() or "(sem código)"
+        table.add_row(str(r.RequisitionId), str(r.ItemId), f"{exam} {snap.get('description') or ''}",
+                      labels.get(r.State, r.State), r.Reason or "")
+    return table
+
+
+def run_demo(folder: Path, *, console: Console | None = None) -> int:
+    """Run the whole demo; return the exit code."""
+    from .app import build_monitor, build_parts
+    from .logsetup import setup_logging
+    from .simulator import Simulator
+
+    console = console or Console()
+    folder = folder.resolve()
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    setup_logging(level="INFO")
+    write_demo_files(folder)
+    today = dt.datetime.now(dt.timezone(dt.timedelta(hours=-3))).date()
+    with Simulator() as sim:
+        settings = demo_settings(folder, base_url=sim.url, token=sim.token)
+        engine = sa.create_engine(settings.db_url or "")
+        seed_lis(engine, today)
+        console.print(f"[bold]LIS de demonstração:[/] {folder / 'lis_demo.db'}")
+        console.print(f"[bold]Simulador Bemsoft:[/] {sim.url}")
+        parts = build_parts(settings)
+        monitor = build_monitor(parts)
+        drive_until_quiet(monitor)
+        console.print("[bold]Chegou um exame novo (B12) na solicitação 4497, já enviada…[/]")
+        with engine.begin() as conn:
+            late = dict(LATE_ITEM, DataEntrada=dt.datetime(today.year, today.month, today.day, 9))
+            conn.execute(sa.insert(lis_tables(None).item), [late])
+        drive_until_quiet(monitor)
+        monitor.close()
+        saved = sim.saved_tests()
+        console.print(summary_table(parts.store))
+        counts = Counter(row.state for row in parts.store.items_by_state("delivered"))
+        delivered = counts.get("delivered", 0)
+        refused = len(parts.store.items_by_state("refused"))
+        console.print(f"Itens entregues: [green]{delivered}[/]   recusados: [yellow]{refused}[/]"
+                      f"   testes salvos no simulador: {len(saved)}")
+        console.print(
+            "\nPróximos passos:\n"
+            f"  • itens recusados e o motivo: {settings.refused_report}\n"
+            f"  • falhas de envio (se houver): {settings.failed_dir}\n"
+            f"  • para resolver a GLICOSE, adicione a linha 'GLI;Plasma' em "
+            f"{settings.bemsoft_material_map_path} e rode 'bemsoft-monitor retry --refused'\n"
+            "  • configure o seu .env a partir de .env.example e rode 'bemsoft-monitor check'")
+        engine.dispose()
+        parts.store.dispose()
+        parts.lis_engine.dispose()
+    return 0

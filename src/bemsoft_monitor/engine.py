@@ -1,0 +1,687 @@
+"""The loop: ingest → settle due requisitions → send with bounded concurrency → record outcomes.
+
+The clock is injected so tests do not wait. The LIS is only read inside short ``with``
+blocks that never contain an HTTP call (invariant 2).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from .backoff import backoff_delay_s
+from .bemsoft import DEFINITELY_NOT_SAVED, BemsoftClient, Kind, Outcome
+from .catalog import CatalogCache, Resolver
+from .config import Settings
+from .deadletter import append_refused_report, write_failed
+from .errors import MonitorError
+from .models import LisItem
+from .procutil import hostname, pid_alive
+from .source import LisSource
+from .store import (
+    ITEM_CANCELLED,
+    ITEM_PENDING,
+    ORDER_CONFERIR,
+    ORDER_DEAD,
+    ORDER_DELIVERED,
+    ORDER_PENDING,
+    OrderRow,
+    StateStore,
+)
+from .transform import build_orders
+
+log = logging.getLogger(__name__)
+
+FLAG_AUTH_PAUSED = "AuthPaused"
+FLAG_LAST_POLL = "LastSuccessfulPoll"
+BREAKER_THRESHOLD = 3
+MAX_BATCHES_PER_CYCLE = 20
+
+
+class Clock(Protocol):
+    """Wall clock (aware UTC) and an interruptible wait."""
+
+    def now(self) -> dt.datetime: ...
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        return stop.wait(max(0.0, seconds))
+
+
+@dataclass
+class CycleStats:
+    """Counts of one cycle, for logs, tests and the demo."""
+
+    read: int = 0
+    new: int = 0
+    settled: int = 0
+    orders_created: int = 0
+    refused: int = 0
+    cancelled: int = 0
+    sent: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    lease_held: bool = True
+
+
+class Breaker:
+    """Circuit breaker: after repeated transient failures, one probe per interval."""
+
+    def __init__(self, *, interval_s: float, threshold: int = BREAKER_THRESHOLD) -> None:
+        self.interval_s = interval_s
+        self.threshold = threshold
+        self.failures = 0
+        self.open_until: dt.datetime | None = None
+        self.probing = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_until is not None
+
+    def allowance(self, now: dt.datetime, wanted: int) -> int:
+        """How many new sends may start now."""
+        if self.open_until is None:
+            return wanted
+        if now >= self.open_until and not self.probing:
+            return min(1, wanted)
+        return 0
+
+    def started(self, now: dt.datetime) -> None:
+        if self.open_until is not None and now >= self.open_until:
+            self.probing = True
+
+    def success(self) -> bool:
+        """Record a good answer; return True when the breaker was open (recovery)."""
+        was_open = self.open_until is not None
+        self.failures = 0
+        self.open_until = None
+        self.probing = False
+        return was_open
+
+    def failure(self, now: dt.datetime) -> bool:
+        """Record a transient failure; return True when the breaker has just opened."""
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.threshold:
+            opened = self.open_until is None
+            self.open_until = now + dt.timedelta(seconds=self.interval_s)
+            return opened
+        return False
+
+
+class Monitor:
+    """One monitor process's work on one LIS and one state store."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        lis_engine: Engine,
+        source: LisSource,
+        store: StateStore,
+        client: BemsoftClient | None,
+        catalog: CatalogCache | None,
+        test_map: dict[str, str],
+        material_map: dict[str, str],
+        clock: Clock | None = None,
+        show_payload: Callable[[OrderRow], None] | None = None,
+    ) -> None:
+        self.s = settings
+        self.lis = lis_engine
+        self.source = source
+        self.store = store
+        self.client = client
+        self.catalog = catalog
+        self.test_map = test_map
+        self.material_map = material_map
+        self.clock: Clock = clock or SystemClock()
+        self.show_payload = show_payload
+        self.host = hostname()
+        self.pid = os.getpid()
+        self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
+        self.breaker = Breaker(interval_s=settings.bemsoft_breaker_seconds)
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._inflight: dict[cf.Future[Outcome], OrderRow] = {}
+        self._lease_held = False
+        self._lease_wait_logged = False
+        self._db_down_since: dt.datetime | None = None
+        self._auth_paused: str | None = None
+        self._next_probe: dt.datetime | None = None
+        self.last_successful_poll: dt.datetime | None = None
+        self.started = False
+
+    # --- start / stop ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the state tables and the checkpoint row; recover the paused flag."""
+        self.store.create_tables()
+        now = self.clock.now()
+        if self.store.checkpoint() is None:
+            initial = self._initial_checkpoint()
+            value = self.store.init_checkpoint(initial, now)
+            log.info("checkpoint inicial: LastItemId=%s (INITIAL_ITEM_ID=%s)", value,
+                     self.s.initial_item_id)
+        else:
+            log.info("checkpoint existente: LastItemId=%s", self.store.checkpoint())
+        paused, _ = self.store.get_flag(FLAG_AUTH_PAUSED)
+        self._auth_paused = paused or None
+        self.started = True
+
+    def _initial_checkpoint(self) -> int:
+        if self.s.initial_item_id == "max":
+            with self.lis.connect() as conn:
+                return self.source.max_item_id(conn)
+        return int(self.s.initial_item_id)
+
+    def close(self, *, grace_s: float | None = None) -> None:
+        """Finish in-flight sends within the grace period, release the rest and the lease."""
+        grace = self.s.shutdown_grace_seconds if grace_s is None else grace_s
+        if self._inflight:
+            log.info("parando: aguardando %d envio(s) em andamento (até %.0f s)",
+                     len(self._inflight), grace)
+            done, _ = cf.wait(list(self._inflight), timeout=grace)
+            self._harvest(done)
+        if self._inflight:
+            # Still on the wire: release them with the same key; a 409 later means delivered.
+            released = self.store.recover_inflight(now=self.clock.now())
+            log.warning("parando: %d envio(s) sem resposta liberado(s) para reenvio com a "
+                        "mesma Idempotency-Key", released)
+            self._inflight.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._lease_held:
+            try:
+                self.store.release_lease(holder=self.holder)
+            except sa.exc.SQLAlchemyError:
+                log.warning("não foi possível liberar a trava (lease); ela expira sozinha")
+            self._lease_held = False
+
+    # --- lease ------------------------------------------------------------------------------------------
+    def hold_lease(self) -> bool:
+        """Take or renew the lease; on taking it, recover orders a dead holder left in flight."""
+        now = self.clock.now()
+        info = self.store.lease_info()
+        alive: bool | None = None
+        if info and info["Holder"] != self.holder and info["Host"] == self.host:
+            alive = pid_alive(int(info["Pid"])) and int(info["Pid"]) != self.pid
+        held, current = self.store.try_lease(holder=self.holder, host=self.host, pid=self.pid,
+                                             now=now, ttl_s=self.s.lease_seconds,
+                                             holder_alive=alive)
+        if held and not self._lease_held:
+            recovered = self.store.recover_inflight(now=now)
+            if recovered:
+                log.warning("%d pedido(s) interrompido(s) por uma parada anterior voltam para a "
+                            "fila com a mesma Idempotency-Key", recovered)
+            log.info("trava do monitor obtida (%s)", self.holder)
+            self._lease_wait_logged = False
+        if not held and self._lease_held:
+            log.error("trava do monitor perdida para %s; envio suspenso", current)
+        if not held and not self._lease_wait_logged:
+            log.warning("outro monitor está ativo neste banco de estado (%s); aguardando", current)
+            self._lease_wait_logged = True
+        self._lease_held = held
+        return held
+
+    # --- cycle --------------------------------------------------------------------------------------------
+    def cycle(self, *, drain: bool = True) -> CycleStats:
+        """One full cycle: read, settle what is due, send what is due.
+
+        ``drain=True`` waits for every send (``run --once``); otherwise sends keep going in
+        the background and are recorded on later cycles.
+        """
+        if not self.started:
+            self.start()
+        stats = CycleStats()
+        if not self.hold_lease():
+            stats.lease_held = False
+            return stats
+        if not self._db_step(self._ingest, stats):
+            return stats
+        self._refresh_catalog()
+        if not self._db_step(self._settle_due, stats):
+            return stats
+        self._send(stats, drain=drain)
+        return stats
+
+    def _db_step(self, step: Callable[[CycleStats], None], stats: CycleStats) -> bool:
+        try:
+            step(stats)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
+            if self._db_down_since is None:
+                self._db_down_since = self.clock.now()
+                log.error("banco de dados indisponível: %s; nova tentativa a cada %.0f s, nada "
+                          "será perdido", _db_reason(exc), self.s.poll_seconds)
+            return False
+        if self._db_down_since is not None:
+            down = (self.clock.now() - self._db_down_since).total_seconds()
+            log.info("banco de dados disponível novamente (fora por %.0f s)", down)
+            self._db_down_since = None
+        return True
+
+    # --- ingest -----------------------------------------------------------------------------------------
+    def _ingest(self, stats: CycleStats) -> None:
+        for _ in range(MAX_BATCHES_PER_CYCLE):
+            now = self.clock.now()
+            checkpoint = self.store.checkpoint() or 0
+            gaps = self.store.open_gaps(now=now, grace_s=self.s.out_of_order_grace_seconds)
+            with self.lis.connect() as conn:  # read-only, closed before any HTTP call
+                items = self.source.fetch_new_items(
+                    conn, after_id=checkpoint, limit=self.s.batch_size, gaps=gaps)
+                above = [i.item_id for i in items if i.item_id > checkpoint]
+                new_max = max(above) if above else None
+                new_gaps = (self.source.find_gaps(conn, after_id=checkpoint, up_to_id=new_max)
+                            if new_max is not None and self.s.out_of_order_grace_seconds > 0
+                            else [])
+                conn.rollback()
+            result = self.store.record_items(items, checkpoint=new_max, new_gaps=new_gaps,
+                                             now=now, debounce_s=self.s.debounce_seconds)
+            stats.read += len(items)
+            stats.new += result.new_items
+            if result.new_items:
+                log.info("%d item(ns) novo(s) lido(s); checkpoint=%s", result.new_items,
+                         new_max if new_max is not None else checkpoint)
+            if len(above) < self.s.batch_size:
+                break
+        self.last_successful_poll = self.clock.now()
+        self.store.set_flag(FLAG_LAST_POLL, self.last_successful_poll.isoformat(),
+                            now=self.last_successful_poll)
+
+    # --- catalogue ----------------------------------------------------------------------------------------
+    def _refresh_catalog(self) -> None:
+        if self.catalog is None:
+            return
+        before = self.catalog.loaded_at
+        try:
+            self.catalog.refresh_if_stale()
+        except MonitorError as exc:  # pragma: no cover - refresh_if_stale keeps errors itself
+            log.warning("catálogo não atualizado: %s", exc)
+        if self.catalog.loaded_at != before:
+            self._requeue_resolvable_refusals()
+
+    def _resolver(self) -> Resolver:
+        return Resolver(
+            catalog=self.catalog.catalog if self.catalog else None,
+            test_map=self.test_map, material_map=self.material_map,
+            code_source=self.s.test_code_source, variant_policy=self.s.bemsoft_variant_policy,
+            dry_run=self.s.bemsoft_dry_run,
+        )
+
+    def _requeue_resolvable_refusals(self) -> int:
+        """After a catalogue refresh, send refused items that now resolve."""
+        resolver = self._resolver()
+        ids = [row.item_id for row in self.store.items_by_state("refused", limit=100000)
+               if row.snapshot is not None and resolver.resolve(row.snapshot).refusal is None]
+        if not ids:
+            return 0
+        n = self.store.requeue_refused(now=self.clock.now(), item_ids=ids)
+        log.info("%d item(ns) recusado(s) agora resolvido(s) pelo catálogo voltam para a fila", n)
+        return n
+
+    def retry_refused(self) -> int:
+        """Put every refused item back in the queue (``retry --refused``)."""
+        return self.store.requeue_refused(now=self.clock.now())
+
+    # --- settle ------------------------------------------------------------------------------------------
+    def _settle_due(self, stats: CycleStats) -> None:
+        now = self.clock.now()
+        due = self.store.due_requisitions(now=now, limit=max(50, self.s.batch_size))
+        if not due:
+            return
+        resolver = self._resolver()
+        retried_catalog = False
+        for req_id in due:
+            with self.lis.connect() as conn:  # read-only, closed before any HTTP call
+                current = self.source.fetch_requisition(conn, req_id)
+                conn.rollback()
+            ledger = {row.item_id: row.state for row in self.store.requisition_items(req_id)}
+            sendable = [i for i in current
+                        if ledger.get(i.item_id) in (None, ITEM_PENDING, ITEM_CANCELLED)]
+            result = build_orders(sendable, settings=self.s, resolver=resolver,
+                                  first_seq=self.store.order_seq(req_id) + 1,
+                                  now=self.clock.now()) if sendable else None
+            if (result is not None and result.refusals and self.catalog is not None
+                    and not retried_catalog and self._refusals_need_catalog(resolver, sendable,
+                                                                            result)):
+                # A code missing from a cached catalogue may exist in a fresh one.
+                retried_catalog = True
+                if self.catalog.refresh_on_miss():
+                    resolver = self._resolver()
+                    result = build_orders(sendable, settings=self.s, resolver=resolver,
+                                          first_seq=self.store.order_seq(req_id) + 1,
+                                          now=self.clock.now())
+            drafts = result.orders if result else []
+            refusals = result.refusals if result else []
+            to_send = [i for d in drafts for i in d.item_ids]
+            gone = [iid for iid, st in ledger.items()
+                    if st == ITEM_PENDING and iid not in {i.item_id for i in current}]
+            order_ids = self.store.settle_requisition(
+                req_id, current=current, to_send_ids=to_send, drafts=drafts,
+                refusals=refusals, now=self.clock.now())
+            stats.settled += 1
+            stats.orders_created += len(order_ids)
+            stats.refused += len(refusals)
+            stats.cancelled += len(gone)
+            if gone:
+                log.info("solicitação %s: %d item(ns) removido(s) do LIS antes do envio "
+                         "(cancelado(s))", req_id, len(gone))
+            if refusals:
+                by_id = {i.item_id: i for i in sendable}
+                for refusal in refusals:
+                    log.warning("solicitação %s, item %s recusado: %s", req_id,
+                                refusal.item_id, refusal.reason)
+                self._report_refusals(req_id, refusals, by_id)
+            if self.s.bemsoft_dry_run and self.show_payload is not None:
+                for order_id in order_ids:
+                    order = self.store.get_order(order_id)
+                    if order is not None:
+                        self.show_payload(order)
+
+    def _refusals_need_catalog(self, resolver: Resolver, items: list[LisItem],
+                               result: Any) -> bool:
+        refused = {r.item_id for r in result.refusals}
+        return any(resolver.resolve(i).status in ("not_in_catalog", "no_catalog")
+                   for i in items if i.item_id in refused)
+
+    def _report_refusals(self, req_id: int, refusals: list[Any],
+                         items: dict[int, LisItem]) -> None:
+        rows = []
+        stamp = self.clock.now().astimezone(self.s.lab_tz).strftime("%Y-%m-%d %H:%M:%S")
+        for r in refusals:
+            item = items.get(r.item_id)
+            rows.append({
+                "data": stamp, "solicitacao": str(req_id), "item": str(r.item_id),
+                "codigo": (item.conv_code or "").strip() if item else "",
+                "codigo_exame": (item.exam_code or "").strip() if item else "",
+                "descricao": (item.description or "").strip() if item else "",
+                "motivo": r.reason,
+            })
+        try:
+            append_refused_report(Path(self.s.refused_report), rows)
+        except OSError as exc:
+            log.error("não foi possível gravar o relatório de itens recusados %s: %s",
+                      self.s.refused_report, exc.strerror)
+
+    # --- send -------------------------------------------------------------------------------------------------
+    def _send(self, stats: CycleStats, *, drain: bool) -> None:
+        if self.s.bemsoft_dry_run or self.client is None:
+            return
+        self._harvest([f for f in self._inflight if f.done()], stats)
+        if self._auth_paused is not None and not self._probe_token():
+            return
+        while True:
+            self._fill(stats)
+            if not self._inflight:
+                return
+            if not drain:
+                return
+            done, _ = cf.wait(list(self._inflight), return_when=cf.FIRST_COMPLETED)
+            self._harvest(done, stats)
+            if self._auth_paused is not None:
+                # Paused: let what is on the wire finish, start nothing new.
+                done, _ = cf.wait(list(self._inflight))
+                self._harvest(done, stats)
+                return
+
+    def wait_for_sends(self, stop: threading.Event, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for an in-flight send (or a stop); record what finished."""
+        if not self._inflight:
+            self.clock.wait(stop, timeout_s)
+            return
+        done, _ = cf.wait(list(self._inflight), timeout=timeout_s,
+                          return_when=cf.FIRST_COMPLETED)
+        self._harvest(done)
+
+    def _fill(self, stats: CycleStats) -> None:
+        assert self.client is not None
+        room = self.s.bemsoft_concurrency - len(self._inflight)
+        if room <= 0 or self._auth_paused is not None:
+            return
+        now = self.clock.now()
+        room = self.breaker.allowance(now, room)
+        if room <= 0:
+            return
+        busy = {o.requisition_id for o in self._inflight.values()}
+        candidates = self.store.claimable_orders(now=now, limit=room * 4,
+                                                 exclude_requisitions=busy)
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(max_workers=self.s.bemsoft_concurrency,
+                                               thread_name_prefix="envio")
+        for order_id in candidates:
+            if room <= 0:
+                break
+            order = self.store.claim(order_id, holder=self.holder, now=now)
+            if order is None:
+                continue
+            self.breaker.started(now)
+            log.debug("enviando pedido %s (solicitação %s, chave %s): %s", order.order_id,
+                      order.requisition_id, order.key,
+                      json.dumps(order.payload, ensure_ascii=False))
+            future = self._pool.submit(self.client.post_order, order.payload, key=order.key)
+            self._inflight[future] = order
+            stats.sent += 1
+            room -= 1
+
+    def _harvest(self, done: Any, stats: CycleStats | None = None) -> None:
+        for future in list(done):
+            order = self._inflight.pop(future, None)
+            if order is None:
+                continue
+            try:
+                outcome = future.result()
+            except Exception as exc:  # noqa: BLE001 - a send must never crash the loop
+                outcome = Outcome(Kind.NO_ANSWER, None, f"erro inesperado no envio: {exc!r}")
+            self.record_outcome(order, outcome)
+            if stats is not None:
+                stats.outcomes[outcome.kind.value] = stats.outcomes.get(outcome.kind.value, 0) + 1
+
+    def record_outcome(self, order: OrderRow, outcome: Outcome) -> str:
+        """Apply the response table of bemsoft-api.md to one order; return its new state."""
+        now = self.clock.now()
+        common: dict[str, Any] = {"now": now, "status": outcome.status,
+                                  "outcome": outcome.kind.value,
+                                  "elapsed_ms": int(outcome.elapsed_s * 1000)}
+        kind = outcome.kind
+        if kind in (Kind.DELIVERED, Kind.ALREADY, Kind.REJECTED, Kind.NOT_SAVED,
+                    Kind.RATE_LIMITED):
+            if self.breaker.success():
+                log.info("Bemsoft respondendo novamente; envios retomados")
+        if kind == Kind.DELIVERED:
+            self.store.finish(order, state=ORDER_DELIVERED, detail=outcome.message, **common)
+            log.info("solicitação %s entregue (pedido %s, %d exame(s))", order.requisition_id,
+                     order.order_id, len(order.item_ids))
+            return ORDER_DELIVERED
+        if kind == Kind.ALREADY:
+            if order.key_answered or order.key_attempts <= 1:
+                why = ("409 após uma tentativa anterior que recebeu erro do servidor"
+                       if order.key_answered else
+                       "409 na primeira tentativa com esta chave")
+                detail = (f"{outcome.message}. Conferir: {why}; não é possível saber se a "
+                          "Bemsoft salvou o pedido. Verifique no portal e use Reenviar ou "
+                          "Marcar como resolvido.")
+                self.store.finish(order, state=ORDER_CONFERIR, detail=detail, **common)
+                log.error("solicitação %s em CONFERIR (pedido %s): %s", order.requisition_id,
+                          order.order_id, why)
+                return ORDER_CONFERIR
+            self.store.finish(order, state=ORDER_DELIVERED,
+                              detail=outcome.message + " (entregue numa tentativa anterior "
+                              "sem resposta)", **common)
+            log.info("solicitação %s já estava na Bemsoft (409 após tentativa sem resposta)",
+                     order.requisition_id)
+            return ORDER_DELIVERED
+        if kind == Kind.REJECTED:
+            return self._dead_letter(order, outcome, common, new_generation=True)
+        if kind == Kind.AUTH:
+            self._pause_for_token(outcome, now)
+            self.store.finish(order, state=ORDER_PENDING, detail=outcome.message,
+                              next_attempt_at=now, new_generation=True, **common)
+            return ORDER_PENDING
+        # Retryable: RATE_LIMITED, NOT_SAVED, SERVER_ERROR, NO_ANSWER.
+        if kind in (Kind.SERVER_ERROR, Kind.NO_ANSWER) and self.breaker.failure(now):
+            log.error("Bemsoft fora do ar ou instável (%s); uma sondagem a cada %.0f s",
+                      outcome.message, self.breaker.interval_s)
+        first = order.first_attempt_at or store_naive(now)
+        elapsed = (store_naive(now) - first).total_seconds()
+        out_of_time = elapsed >= self.s.bemsoft_retry_horizon_seconds
+        out_of_tries = 0 < self.s.bemsoft_retries <= order.attempts
+        if out_of_time or out_of_tries:
+            limit = ("horizonte de novas tentativas (BEMSOFT_RETRY_HORIZON_SECONDS)"
+                     if out_of_time else "número máximo de tentativas (BEMSOFT_RETRIES)")
+            return self._dead_letter(order, outcome, common,
+                                     new_generation=kind in DEFINITELY_NOT_SAVED,
+                                     extra=f"; {limit} esgotado após {order.attempts} "
+                                           "tentativa(s)")
+        delay = backoff_delay_s(order.attempts, base_s=self.s.bemsoft_backoff,
+                                cap_s=self.s.bemsoft_backoff_max,
+                                retry_after_s=outcome.retry_after_s)
+        self.store.finish(order, state=ORDER_PENDING, detail=outcome.message,
+                          next_attempt_at=now + dt.timedelta(seconds=delay),
+                          new_generation=kind in DEFINITELY_NOT_SAVED,
+                          key_answered=True if kind == Kind.SERVER_ERROR else None, **common)
+        log.warning("solicitação %s: %s; nova tentativa em %.1f s (tentativa %d)",
+                    order.requisition_id, outcome.message, delay, order.attempts)
+        return ORDER_PENDING
+
+    def _dead_letter(self, order: OrderRow, outcome: Outcome, common: dict[str, Any], *,
+                     new_generation: bool, extra: str = "") -> str:
+        reason = outcome.message + extra
+        event = self.failed_event(order, reason=reason)
+        path: Path | None = None
+        try:
+            path = write_failed(Path(self.s.failed_dir), reason=reason, event=event,
+                                name_hint=str(order.requisition_id), now=common["now"])
+        except OSError as exc:
+            # The order stays dead in the outbox: nothing is lost even without the file.
+            log.error("não foi possível gravar em FAILED_DIR (%s): %s; o pedido continua "
+                      "registrado no banco de estado", self.s.failed_dir, exc.strerror)
+        self.store.finish(order, state=ORDER_DEAD, detail=reason, new_generation=new_generation,
+                          failed_file=str(path) if path else None, **common)
+        log.error("solicitação %s não enviada: %s (arquivo: %s)", order.requisition_id, reason,
+                  path or "não gravado")
+        return ORDER_DEAD
+
+    def failed_event(self, order: OrderRow, *, reason: str) -> dict[str, Any]:
+        """The ``event`` of a FAILED_DIR file: the order, its items and what was sent."""
+        items = [row.snapshot.to_json() for row in self.store.requisition_items(order.requisition_id)
+                 if row.item_id in order.item_ids and row.snapshot is not None]
+        return {
+            "CodSolicitacao": order.requisition_id,
+            "orderId": order.order_id,
+            "seq": order.seq,
+            "idempotencyKey": order.key,
+            "generation": order.generation,
+            "itemIds": list(order.item_ids),
+            "attempts": order.attempts,
+            "items": items,
+            "payload": order.payload,
+        }
+
+    # --- token pause -------------------------------------------------------------------------------------
+    def _pause_for_token(self, outcome: Outcome, now: dt.datetime) -> None:
+        if self._auth_paused is None:
+            log.error("envio PAUSADO: %s. Os pedidos ficam guardados e o envio volta sozinho "
+                      "quando o token for aceito", outcome.message)
+        self._auth_paused = outcome.message
+        self._next_probe = now + dt.timedelta(seconds=self.s.bemsoft_breaker_seconds)
+        self.store.set_flag(FLAG_AUTH_PAUSED, outcome.message, now=now)
+
+    def _probe_token(self) -> bool:
+        """While paused, ask GET /tests once per interval whether the token works again."""
+        assert self.client is not None
+        now = self.clock.now()
+        if self._next_probe is not None and now < self._next_probe:
+            return False
+        result = self.client.check_token()
+        if result.kind == Kind.DELIVERED:
+            log.info("token aceito novamente pela Bemsoft; envios retomados")
+            self._auth_paused = None
+            self._next_probe = None
+            self.store.set_flag(FLAG_AUTH_PAUSED, None, now=now)
+            return True
+        self._next_probe = now + dt.timedelta(seconds=self.s.bemsoft_breaker_seconds)
+        return False
+
+    @property
+    def auth_paused(self) -> str | None:
+        """The token problem while sending is paused, else None."""
+        return self._auth_paused
+
+    # --- loop ----------------------------------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Between polls: record finished sends and start new ones (lease permitting)."""
+        if not self._lease_held or self.s.bemsoft_dry_run or self.client is None:
+            return
+        self._send(CycleStats(), drain=False)
+
+    def run(self, stop: threading.Event) -> None:
+        """Cycle until ``stop`` is set; never lets one failure end the loop."""
+        errors_in_row = 0
+        next_poll = self.clock.now()
+        while not stop.is_set():
+            try:
+                if not self.started:
+                    self.start()
+                if self.clock.now() >= next_poll:
+                    stats = self.cycle(drain=False)
+                    next_poll = self.clock.now() + dt.timedelta(seconds=self.s.poll_seconds)
+                    if not stats.lease_held:
+                        self.clock.wait(stop, min(self.s.poll_seconds, self.s.lease_seconds / 3))
+                        continue
+                else:
+                    self.pump()
+                errors_in_row = 0
+            except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
+                errors_in_row += 1
+                if self._db_down_since is None:
+                    self._db_down_since = self.clock.now()
+                    log.error("banco de dados indisponível: %s; nova tentativa com espera "
+                              "crescente, nada será perdido", _db_reason(exc))
+                self.clock.wait(stop, _pause_s(self.s.poll_seconds, errors_in_row))
+                next_poll = self.clock.now()
+                continue
+            except Exception:
+                errors_in_row += 1
+                log.exception("erro inesperado no ciclo; o monitor continua")
+                self.clock.wait(stop, _pause_s(self.s.poll_seconds, errors_in_row))
+                next_poll = self.clock.now()
+                continue
+            remaining = (next_poll - self.clock.now()).total_seconds()
+            self.wait_for_sends(stop, max(0.01, remaining))
+        self.close()
+
+
+def _pause_s(poll_s: float, errors_in_row: int) -> float:
+    return min(60.0, poll_s * (2 ** min(errors_in_row, 5)))
+
+
+def store_naive(value: dt.datetime) -> dt.datetime:
+    """Aware → naive UTC, as the store keeps times."""
+    if value.tzinfo is not None:
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _db_reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).splitlines()[0] if str(exc) else repr(exc)
+    from .redact import redact_secrets
+
+    return redact_secrets(text)[:300]

@@ -1,0 +1,247 @@
+"""Read-only SQLAlchemy Core queries on the LIS tables; nothing else touches them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from .models import LisItem
+
+
+@dataclass(frozen=True)
+class LisTables:
+    """The four LIS tables, bound to a schema (``dbo`` on SQL Server, none elsewhere)."""
+
+    item: sa.Table
+    requisition: sa.Table
+    patient: sa.Table
+    exam: sa.Table
+
+
+def lis_tables(schema: str | None = None) -> LisTables:
+    """Describe the LIS tables with their exact (quoted) column names."""
+    md = sa.MetaData(schema=schema)
+    item = sa.Table(
+        "ItemSol", md,
+        sa.Column("CodItemSol", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("CodSolicitacao", sa.Integer, nullable=False, index=True),
+        sa.Column("CodTExame", sa.Integer),
+        sa.Column("DataEntrada", sa.DateTime),
+        sa.Column("DescExames", sa.String(100)),
+        sa.Column("CodConvExames", sa.String(20)),
+        sa.Column("NomeTerceirizado", sa.String(80)),
+        sa.Column("Valor", sa.Numeric(19, 4)),
+        sa.Column("VlTerceirizado", sa.Numeric(19, 4)),
+        sa.Column("SituacaoResultado", sa.String(20)),
+        sa.Column("Origem", sa.String(20)),
+    )
+    requisition = sa.Table(
+        "solicitacao", md,
+        sa.Column("codsolicitacao", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("codpaciente", sa.Integer),
+        sa.Column("CodConvenio", sa.Integer),
+        sa.Column("dtaentrada", sa.DateTime),
+        sa.Column("Hora", sa.String(8)),
+        sa.Column("Valortotal", sa.Numeric(19, 4)),
+        sa.Column("TipoPgto", sa.String(20)),
+        sa.Column("Obs_Sol", sa.Text),
+    )
+    patient = sa.Table(
+        "paciente", md,
+        sa.Column("codpaciente", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("nome", sa.String(100)),
+        sa.Column("cpf", sa.String(14)),
+        sa.Column("datanasc", sa.DateTime),
+        sa.Column("sexo", sa.String(10)),
+        sa.Column("fone", sa.String(20)),
+        sa.Column("EmailPac", sa.String(100)),
+        sa.Column("cidade", sa.String(60)),
+        sa.Column("uf", sa.String(2)),
+    )
+    exam = sa.Table(
+        "texame", md,
+        sa.Column("CodTexame", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("CodigoExame", sa.String(20)),
+        sa.Column("descricao", sa.String(100)),
+    )
+    return LisTables(item=item, requisition=requisition, patient=patient, exam=exam)
+
+
+def normalize_lab_name(name: str | None) -> str:
+    """Compare support-lab names as SQL Server's CI collation does: case and trailing spaces."""
+    return (name or "").strip().casefold()
+
+
+class LisSource:
+    """The monitor's view of the LIS: new items, one requisition, gap checks."""
+
+    def __init__(self, *, tables: LisTables, support_labs: Sequence[str]) -> None:
+        self.t = tables
+        self.support_labs = tuple(support_labs)
+        self._wanted = frozenset(normalize_lab_name(n) for n in support_labs)
+        # Bound IN-list of the configured names (trimmed, upper-cased) compared with
+        # UPPER(RTRIM(NomeTerceirizado)), so SQLite and PostgreSQL filter like SQL Server's
+        # default collation (case-insensitive, trailing spaces ignored).
+        self._lab_params = sorted({n.strip().upper() for n in support_labs})
+
+    # --- query builders (also compiled with the mssql dialect in tests) ------------------
+    def _columns(self) -> list[sa.ColumnElement[object]]:
+        i, s, p, e = self.t.item, self.t.requisition, self.t.patient, self.t.exam
+        return [
+            i.c.CodItemSol, i.c.CodSolicitacao, i.c.CodTExame, i.c.DataEntrada, i.c.DescExames,
+            i.c.CodConvExames, i.c.NomeTerceirizado, i.c.Origem,
+            s.c.dtaentrada, s.c.Hora, s.c.codpaciente,
+            p.c.nome, p.c.cpf, p.c.datanasc, p.c.sexo,
+            e.c.CodigoExame, e.c.descricao,
+        ]
+
+    def _joined(self) -> sa.FromClause:
+        i, s, p, e = self.t.item, self.t.requisition, self.t.patient, self.t.exam
+        return (
+            i.join(s, s.c.codsolicitacao == i.c.CodSolicitacao)
+            .outerjoin(p, p.c.codpaciente == s.c.codpaciente)
+            .outerjoin(e, e.c.CodTexame == i.c.CodTExame)
+        )
+
+    def _lab_filter(self) -> sa.ColumnElement[bool]:
+        col = sa.func.upper(sa.func.rtrim(self.t.item.c.NomeTerceirizado))
+        return col.in_(sa.bindparam("labs", self._lab_params, expanding=True))
+
+    def new_items_query(
+        self, *, after_id: int, limit: int, gaps: Sequence[tuple[int, int]] = ()
+    ) -> sa.Select[tuple[object, ...]]:
+        """Items above the checkpoint (and inside open gap ranges), oldest first."""
+        i = self.t.item
+        where: sa.ColumnElement[bool] = i.c.CodItemSol > after_id
+        for lo, hi in gaps:
+            where = sa.or_(where, i.c.CodItemSol.between(lo, hi))
+        return (
+            sa.select(*self._columns())
+            .select_from(self._joined())
+            .where(where, self._lab_filter())
+            .order_by(i.c.CodItemSol)
+            .limit(limit)
+        )
+
+    def requisition_query(self, requisition_id: int) -> sa.Select[tuple[object, ...]]:
+        """Every current item of one requisition for the configured support labs."""
+        i = self.t.item
+        return (
+            sa.select(*self._columns())
+            .select_from(self._joined())
+            .where(i.c.CodSolicitacao == requisition_id, self._lab_filter())
+            .order_by(i.c.CodItemSol)
+        )
+
+    def gaps_query(self, *, after_id: int, up_to_id: int) -> sa.Select[tuple[object, ...]]:
+        """Ids in (after_id, up_to_id] that are followed by a hole, plus the first id.
+
+        One index-only pass with LEAD(): holes are ids not visible yet (uncommitted
+        transactions, rollbacks, deletions, IDENTITY jumps).
+        """
+        i = self.t.item
+        inner = (
+            sa.select(
+                i.c.CodItemSol.label("id"),
+                sa.func.lead(i.c.CodItemSol).over(order_by=i.c.CodItemSol).label("next_id"),
+                sa.func.row_number().over(order_by=i.c.CodItemSol).label("rn"),
+            )
+            .where(i.c.CodItemSol > after_id, i.c.CodItemSol <= up_to_id)
+            .subquery("ids")
+        )
+        return sa.select(inner.c.id, inner.c.next_id, inner.c.rn).where(
+            sa.or_(inner.c.rn == 1, inner.c.next_id - inner.c.id > 1)
+        )
+
+    def max_id_query(self) -> sa.Select[tuple[object]]:
+        """Highest CodItemSol in the LIS (for INITIAL_ITEM_ID=max)."""
+        return sa.select(sa.func.max(self.t.item.c.CodItemSol))
+
+    # --- execution ---------------------------------------------------------------------
+    def fetch_new_items(
+        self, conn: Connection, *, after_id: int, limit: int,
+        gaps: Sequence[tuple[int, int]] = (),
+    ) -> list[LisItem]:
+        """Run :meth:`new_items_query` and keep only the configured labs (Python check too)."""
+        rows = conn.execute(self.new_items_query(after_id=after_id, limit=limit, gaps=gaps))
+        return [item for item in map(_to_item, rows) if self._wants(item)]
+
+    def fetch_requisition(self, conn: Connection, requisition_id: int) -> list[LisItem]:
+        """Current items of one requisition."""
+        rows = conn.execute(self.requisition_query(requisition_id))
+        return [item for item in map(_to_item, rows) if self._wants(item)]
+
+    def find_gaps(self, conn: Connection, *, after_id: int, up_to_id: int) -> list[tuple[int, int]]:
+        """Id ranges in (after_id, up_to_id] not visible now."""
+        if up_to_id <= after_id:
+            return []
+        rows = conn.execute(self.gaps_query(after_id=after_id, up_to_id=up_to_id)).all()
+        gaps: list[tuple[int, int]] = []
+        for row in rows:
+            first, nxt, rn = int(row.id), row.next_id, int(row.rn)
+            if rn == 1 and first > after_id + 1:
+                gaps.append((after_id + 1, first - 1))
+            if nxt is not None and int(nxt) - first > 1:
+                gaps.append((first + 1, int(nxt) - 1))
+        if not rows and up_to_id > after_id:
+            gaps.append((after_id + 1, up_to_id))
+        return sorted(set(gaps))
+
+    def max_item_id(self, conn: Connection) -> int:
+        """Highest CodItemSol, 0 for an empty table."""
+        return int(conn.execute(self.max_id_query()).scalar() or 0)
+
+    def _wants(self, item: LisItem) -> bool:
+        return normalize_lab_name(item.support_lab) in self._wanted
+
+
+def _to_item(row: Row[tuple[object, ...]]) -> LisItem:
+    m = row._mapping
+    return LisItem(
+        item_id=int(m["CodItemSol"]),  # type: ignore[call-overload]
+        requisition_id=int(m["CodSolicitacao"]),  # type: ignore[call-overload]
+        exam_type_id=_int(m["CodTExame"]),
+        item_entered_at=_dt(m["DataEntrada"]),
+        description=_str(m["DescExames"]),
+        conv_code=_str(m["CodConvExames"]),
+        support_lab=_str(m["NomeTerceirizado"]),
+        origin=_str(m["Origem"]),
+        requisition_date=_dt(m["dtaentrada"]),
+        requisition_time=_str(m["Hora"]),
+        patient_id=_int(m["codpaciente"]),
+        patient_name=_str(m["nome"]),
+        patient_cpf=_str(m["cpf"]),
+        patient_birth=_dt(m["datanasc"]),
+        patient_sex=_str(m["sexo"]),
+        exam_code=_str(m["CodigoExame"]),
+        exam_description=_str(m["descricao"]),
+    )
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _str(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("cp1252", errors="replace")
+    return str(value)
+
+
+def _dt(value: object) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day)
+    if isinstance(value, str):
+        try:
+            return dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    return None
