@@ -16,7 +16,7 @@ from .dbconn import lis_schema, lis_url, make_engine, state_url
 from .engine import Clock, Monitor
 from .errors import CatalogUnavailable
 from .models import CatalogEntry
-from .source import LisSource, lis_tables
+from .source import LisSource, install_sqlite_functions, lis_tables
 from .store import OrderRow, StateStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def build_client(settings: Settings) -> BemsoftClient:
 def build_parts(settings: Settings, *, state_in_memory: bool | None = None) -> Parts:
     """Build engines and components; maps are loaded (and validated) here."""
     lis_engine = make_engine(lis_url(settings), settings=settings)
+    install_sqlite_functions(lis_engine)
     schema = lis_schema(settings, lis_engine.dialect.name)
     source = LisSource(tables=lis_tables(schema), support_labs=settings.support_labs)
     in_memory = settings.bemsoft_dry_run if state_in_memory is None else state_in_memory

@@ -438,8 +438,8 @@ class Settings(BaseSettings):
     # --- derived values -----------------------------------------------------------
     @property
     def support_labs(self) -> tuple[str, ...]:
-        """TERCEIROS (or the legacy TERCEIRO), trimmed, empties dropped."""
-        return split_labs(self.terceiros or self.terceiro or "")
+        """TERCEIROS (or, when it names nobody, the legacy TERCEIRO), trimmed."""
+        return split_labs(self.terceiros or "") or split_labs(self.terceiro or "")
 
     @property
     def physician(self) -> dict[str, str] | None:
@@ -564,7 +564,7 @@ def config_warnings(settings: Settings) -> list[str]:
             "PHYSICIAN_*: preenchido só em parte; o médico só é enviado com PHYSICIAN_NAME, "
             "PHYSICIAN_COUNCIL, PHYSICIAN_NUMBER e PHYSICIAN_UF preenchidos"
         )
-    if settings.terceiros and settings.terceiro:
+    if split_labs(settings.terceiros or "") and settings.terceiro:
         out.append("TERCEIRO: ignorado porque TERCEIROS está preenchido")
     if settings.db_url and (settings.db_server or settings.db_name or settings.db_user):
         out.append("DB_SERVER/DB_NAME/DB_USER/DB_PASS: ignorados porque DB_URL está preenchido")
@@ -622,7 +622,7 @@ def cross_field_problems(data: Mapping[str, Any]) -> list[str]:
                 "DB_USER: ausente; DB_PASS foi informado, mas sem DB_USER a conexão usaria "
                 "a autenticação do Windows"
             )
-    if not split_labs(text("terceiros") or text("terceiro") or ""):
+    if not (split_labs(text("terceiros") or "") or split_labs(text("terceiro") or "")):
         problems.append(
             "TERCEIROS: ausente; informe os nomes de ItemSol.NomeTerceirizado separados por "
             "vírgula (ex.: DIAGNÓSTICO DO BRASIL - DB,AME-SE - PARDINI)"

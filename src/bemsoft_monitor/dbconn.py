@@ -9,6 +9,7 @@ exception text: errors are passed through :func:`redact.redact_secrets`.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from typing import Any
 
@@ -63,8 +64,11 @@ def is_freetds(driver: str) -> bool:
     return "freetds" in lowered or "libtdsodbc" in lowered
 
 
-def odbc_connection_string(settings: Settings) -> str:
-    """The pyodbc connection string for DB_SERVER/DB_NAME/DB_USER/DB_PASS/ODBC_DRIVER."""
+def odbc_connection_string(settings: Settings, *, include_password: bool = True) -> str:
+    """The pyodbc connection string for DB_SERVER/DB_NAME/DB_USER/DB_PASS/ODBC_DRIVER.
+
+    ``include_password=False`` leaves PWD out (lis_url keeps it in the URL's password).
+    """
     server, database = settings.db_server, settings.db_name
     if not server or not database:
         raise ConfigError("DB_SERVER e DB_NAME: obrigatórios para conectar ao SQL Server")
@@ -88,7 +92,9 @@ def odbc_connection_string(settings: Settings) -> str:
     attrs.append(("DATABASE", odbc_quote(database)))
 
     if settings.db_user:
-        attrs += [("UID", odbc_quote(settings.db_user)), ("PWD", odbc_quote(settings.db_password))]
+        attrs.append(("UID", odbc_quote(settings.db_user)))
+        if include_password:
+            attrs.append(("PWD", odbc_quote(settings.db_password)))
     else:
         # Windows authentication. On Linux it works only with a Kerberos ticket (kinit),
         # with Microsoft's driver or a FreeTDS built with GSSAPI; FreeTDS can also do NTLM
@@ -174,7 +180,14 @@ def lis_url(settings: Settings) -> URL | str:
         return settings.db_url
     if settings.db_driver == "mssql-python":
         return _mssql_python_url(settings)
-    return URL.create("mssql+pyodbc", query={"odbc_connect": odbc_connection_string(settings)})
+    # The password travels in the URL's own password field, which SQLAlchemy hides in
+    # str()/repr(); make_engine adds it to the ODBC string only when connecting.
+    return URL.create(
+        "mssql+pyodbc",
+        username=settings.db_user or None,
+        password=(settings.db_password or None) if settings.db_user else None,
+        query={"odbc_connect": odbc_connection_string(settings, include_password=False)},
+    )
 
 
 def state_url(settings: Settings) -> URL | str:
@@ -225,9 +238,21 @@ def make_engine(
         engine = create_engine(parsed, connect_args=connect_args, **kwargs)
     except (ImportError, NoSuchModuleError, ArgumentError) as exc:
         raise ConfigError(_driver_problem(parsed, exc, secrets)) from None
+    if driver == "pyodbc" and "odbc_connect" in parsed.query and parsed.password:
+        _add_password_on_connect(engine, parsed.password)
     if backend == "sqlite" and driver == "pysqlite":
         _configure_sqlite(engine, parsed, for_state=for_state)
     return engine
+
+
+_PWD_ATTRIBUTE = re.compile(r"(?:^|;)\s*PWD\s*=", re.IGNORECASE)
+
+
+def _add_password_on_connect(engine: Engine, password: str) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _with_password(_dialect: Any, _record: Any, cargs: list[Any], _params: Any) -> None:
+        if cargs and isinstance(cargs[0], str) and not _PWD_ATTRIBUTE.search(cargs[0]):
+            cargs[0] = f"{cargs[0]};PWD={odbc_quote(password)}"
 
 
 def _driver_problem(url: URL, exc: Exception, secrets: tuple[str, ...]) -> str:

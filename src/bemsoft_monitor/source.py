@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import GenericFunction
 
 from .models import LisItem
 
@@ -71,6 +73,44 @@ def lis_tables(schema: str | None = None) -> LisTables:
     return LisTables(item=item, requisition=requisition, patient=patient, exam=exam)
 
 
+class lab_key(GenericFunction[str]):  # noqa: N801 - SQL function naming
+    """UPPER(RTRIM(x)) that upper-cases accented letters on every backend.
+
+    SQLite's built-in UPPER() only knows ASCII, so 'diagnóstico' would not match
+    'DIAGNÓSTICO'; there the expression calls a Python function registered by
+    :func:`install_sqlite_functions`.
+    """
+
+    type = sa.String()
+    inherit_cache = True
+    name = "lab_key"
+
+
+@compiles(lab_key)
+def _lab_key_default(element: lab_key, compiler: object, **kw: object) -> str:
+    return "UPPER(RTRIM(%s))" % compiler.process(element.clauses, **kw)  # type: ignore[attr-defined]
+
+
+@compiles(lab_key, "sqlite")
+def _lab_key_sqlite(element: lab_key, compiler: object, **kw: object) -> str:
+    return "bm_lab_key(%s)" % compiler.process(element.clauses, **kw)  # type: ignore[attr-defined]
+
+
+def _py_lab_key(value: object) -> str | None:
+    return None if value is None else str(value).rstrip().upper()
+
+
+def install_sqlite_functions(engine: sa.Engine) -> None:
+    """Register ``bm_lab_key`` on every new SQLite connection of ``engine``."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @sa.event.listens_for(engine, "connect")
+    def _register(dbapi_conn: object, _record: object) -> None:
+        dbapi_conn.create_function(  # type: ignore[attr-defined]
+            "bm_lab_key", 1, _py_lab_key, deterministic=True)
+
+
 def normalize_lab_name(name: str | None) -> str:
     """Compare support-lab names as SQL Server's CI collation does: case and trailing spaces."""
     return (name or "").strip().casefold()
@@ -108,7 +148,7 @@ class LisSource:
         )
 
     def _lab_filter(self) -> sa.ColumnElement[bool]:
-        col = sa.func.upper(sa.func.rtrim(self.t.item.c.NomeTerceirizado))
+        col = lab_key(self.t.item.c.NomeTerceirizado)
         return col.in_(sa.bindparam("labs", self._lab_params, expanding=True))
 
     def new_items_query(
