@@ -110,8 +110,11 @@ def test_broken_json_names_line_and_column() -> None:
 
 @pytest.mark.parametrize(
     ("body", "fragment"),
-    [({"data": []}, 'sem a chave "tests"'), ({"tests": {"id": "FE"}}, "deveria ser uma lista"),
-     ("42", "deveria ser uma lista")],
+    [
+        ({"data": []}, 'sem a chave "tests"'),
+        ({"tests": {"id": "FE"}}, "deveria ser uma lista"),
+        ("42", "deveria ser uma lista"),
+    ],
 )
 def test_wrong_shape_is_refused(body: object, fragment: str) -> None:
     with pytest.raises(CatalogFormatError, match=fragment):
@@ -240,7 +243,7 @@ def test_material_line_without_material_names_file_and_line(tmp_path: Path) -> N
 def test_material_code_repeated_with_other_material_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "materiais.csv"
     path.write_text("GLI;Plasma\nFE;Soro\ngli;Urina\n", encoding="utf-8")
-    with pytest.raises(MapFileError, match="linha 3: o código \"gli\" já aparece na linha 1"):
+    with pytest.raises(MapFileError, match='linha 3: o código "gli" já aparece na linha 1'):
         load_material_map(path)
 
 
@@ -262,8 +265,13 @@ def test_empty_material_map_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("0.Soro", "soro"), ("SÔRO ", "soro"), ("1 - Plasma  Fluoretado", "plasma fluoretado"),
-     ("Urina 24h", "urina 24h"), ("", "")],
+    [
+        ("0.Soro", "soro"),
+        ("SÔRO ", "soro"),
+        ("1 - Plasma  Fluoretado", "plasma fluoretado"),
+        ("Urina 24h", "urina 24h"),
+        ("", ""),
+    ],
 )
 def test_normalize_material(raw: str, expected: str) -> None:
     assert normalize_material(raw) == expected

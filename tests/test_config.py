@@ -1,5 +1,7 @@
 """Settings: .env discovery and precedence, validation messages, derived values."""
 
+# ruff: noqa: S105, S106  # fake passwords and tokens are the subject under test
+
 from __future__ import annotations
 
 import datetime as dt

@@ -10,7 +10,9 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from bemsoft_monitor.catalog import SPECIMEN_DUMMY, Catalog, Resolution, Resolver
 from bemsoft_monitor.config import Settings
@@ -20,12 +22,14 @@ from bemsoft_monitor.transform import build_orders, normalize_gender, parse_hora
 UTC = dt.timezone.utc
 NOW = dt.datetime(2025, 7, 1, 15, 0, 0, tzinfo=UTC)  # 12:00 in the lab (-03:00)
 
-CATALOG = Catalog([
-    CatalogEntry("FE", "FERRO SERICO", "SORO", "Soro"),
-    CatalogEntry("GLI", "GLICOSE", "PLASMA", "Plasma fluoretado"),
-    CatalogEntry("GLI", "GLICOSE (URINA)", "URINA", "Urina"),
-    CatalogEntry("TSH", "TSH", "SORO", "Soro"),
-])
+CATALOG = Catalog(
+    [
+        CatalogEntry("FE", "FERRO SERICO", "SORO", "Soro"),
+        CatalogEntry("GLI", "GLICOSE", "PLASMA", "Plasma fluoretado"),
+        CatalogEntry("GLI", "GLICOSE (URINA)", "URINA", "Urina"),
+        CatalogEntry("TSH", "TSH", "SORO", "Soro"),
+    ]
+)
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -34,7 +38,10 @@ def make_settings(**overrides: Any) -> Settings:
     with mock.patch.dict(os.environ, clean, clear=True):
         return Settings(
             _env_file=None,  # type: ignore[call-arg]
-            db_url="sqlite://", terceiros="LAB", bemsoft_dry_run=True, **overrides,
+            db_url="sqlite://",
+            terceiros="LAB",
+            bemsoft_dry_run=True,
+            **overrides,
         )
 
 
@@ -43,8 +50,11 @@ SETTINGS = make_settings()
 
 def make_resolver(catalog: Catalog | None = CATALOG, **kw: Any) -> Resolver:
     options: dict[str, Any] = {
-        "test_map": {}, "material_map": {}, "code_source": "convexames",
-        "variant_policy": "refuse", "dry_run": False,
+        "test_map": {},
+        "material_map": {},
+        "code_source": "convexames",
+        "variant_policy": "refuse",
+        "dry_run": False,
     }
     options.update(kw)
     return Resolver(catalog=catalog, **options)
@@ -109,7 +119,9 @@ def refusal_reasons(result: TransformResult) -> dict[int, str]:
 
 def test_normal_requisition_gives_exactly_the_documented_payload() -> None:
     settings = make_settings(
-        physician_name="NOME DO MEDICO", physician_council="CRM", physician_number="123456",
+        physician_name="NOME DO MEDICO",
+        physician_council="CRM",
+        physician_number="123456",
         physician_uf="se",
     )
     result = build([item()], settings=settings)
@@ -187,13 +199,18 @@ def test_later_sequence_numbers_change_the_external_ids() -> None:
 
 
 def test_additional_informations_use_origem_and_description_and_skip_empties() -> None:
-    tests = batch(build([
-        item(1, origin=" Balcão ", description="  FERRO  SERICO "),
-        item(2, origin=None, description=None, exam_description=None),
-        item(3, origin="", description="", exam_description="FERRO (TEXAME)"),
-    ]))["order"]["tests"]
+    tests = batch(
+        build(
+            [
+                item(1, origin=" Balcão ", description="  FERRO  SERICO "),
+                item(2, origin=None, description=None, exam_description=None),
+                item(3, origin="", description="", exam_description="FERRO (TEXAME)"),
+            ]
+        )
+    )["order"]["tests"]
     assert tests[0]["additionalInformations"] == [
-        {"key": "origem", "value": "Balcão"}, {"key": "descricao", "value": "FERRO SERICO"},
+        {"key": "origem", "value": "Balcão"},
+        {"key": "descricao", "value": "FERRO SERICO"},
     ]
     assert tests[1]["additionalInformations"] == [{"key": "origem", "value": "Sistema"}]
     assert tests[2]["additionalInformations"][1] == {"key": "descricao", "value": "FERRO (TEXAME)"}
@@ -210,8 +227,14 @@ def test_dry_run_without_catalogue_sends_the_dummy_specimen() -> None:
 
 @pytest.mark.parametrize(
     ("sexo", "expected"),
-    [("M", "M"), ("f", "F"), (" Masculino ", "M"), ("FEMININO", "F"), ("fem.", "F"),
-     ("M A S C U L I N O", "M")],
+    [
+        ("M", "M"),
+        ("f", "F"),
+        (" Masculino ", "M"),
+        ("FEMININO", "F"),
+        ("fem.", "F"),
+        ("M A S C U L I N O", "M"),
+    ],
 )
 def test_gender_spellings_are_understood(sexo: str, expected: str) -> None:
     assert batch(build([item(patient_sex=sexo)]))["order"]["patient"]["gender"] == expected
@@ -250,8 +273,11 @@ def test_bad_birth_date_uses_default_birthdate(birth: Any) -> None:
 
 @pytest.mark.parametrize(
     ("birth", "state"),
-    [(None, "ausente"), (dt.datetime(1900, 1, 1), "1900-01-01, valor provisório"),
-     (dt.datetime(2031, 1, 1), "no futuro")],
+    [
+        (None, "ausente"),
+        (dt.datetime(1900, 1, 1), "1900-01-01, valor provisório"),
+        (dt.datetime(2031, 1, 1), "no futuro"),
+    ],
 )
 def test_bad_birth_date_without_default_refuses_naming_the_setting(birth: Any, state: str) -> None:
     reasons = refusal_reasons(build([item(patient_birth=birth)]))
@@ -289,8 +315,9 @@ def test_patient_without_codpaciente_is_identified_by_cpf(cpf: str) -> None:
 
 @pytest.mark.parametrize("cpf", [None, "", "123.456.789", "000.000.000-00"])
 def test_patient_without_codpaciente_nor_cpf_is_refused(cpf: str | None) -> None:
-    result = build([item(1, patient_id=None, patient_cpf=cpf), item(2, patient_id=None,
-                                                                     patient_cpf=cpf)])
+    result = build(
+        [item(1, patient_id=None, patient_cpf=cpf), item(2, patient_id=None, patient_cpf=cpf)]
+    )
     assert result.orders == []
     reasons = refusal_reasons(result)
     assert set(reasons) == {1, 2}
@@ -300,8 +327,10 @@ def test_patient_without_codpaciente_nor_cpf_is_refused(cpf: str | None) -> None
 
 
 def test_requisition_columns_come_from_the_first_non_null_row() -> None:
-    rows = [item(1, patient_name=None, requisition_time=None), item(2, patient_name="ANA",
-                                                                     requisition_time="9:15")]
+    rows = [
+        item(1, patient_name=None, requisition_time=None),
+        item(2, patient_name="ANA", requisition_time="9:15"),
+    ]
     body = batch(build(rows))
     assert body["order"]["patient"]["name"] == "ANA"
     assert body["order"]["time"] == "09:15:00"
@@ -341,21 +370,30 @@ def test_parse_hora_and_normalize_gender_helpers() -> None:
 def test_missing_dtaentrada_uses_the_earliest_item_entry() -> None:
     rows = [
         item(1, requisition_date=None, item_entered_at=dt.datetime(2025, 7, 1, 10, 0)),
-        item(2, requisition_date=None, item_entered_at=dt.datetime(2025, 7, 1, 7, 45),
-             conv_code="TSH"),
+        item(
+            2,
+            requisition_date=None,
+            item_entered_at=dt.datetime(2025, 7, 1, 7, 45),
+            conv_code="TSH",
+        ),
         item(3, requisition_date=None, item_entered_at=None, conv_code="FE"),
     ]
     order = batch(build(rows))["order"]
     assert (order["date"], order["time"]) == ("2025-07-01", "07:45:00")
     assert (order["tests"][2]["collectionDate"], order["tests"][2]["collectionTime"]) == (
-        "2025-07-01", "07:45:00")
+        "2025-07-01",
+        "07:45:00",
+    )
 
 
 def test_no_date_at_all_uses_now_in_the_lab_timezone() -> None:
     order = batch(build([item(requisition_date=None, item_entered_at=None)]))["order"]
     assert (order["date"], order["time"]) == ("2025-07-01", "12:00:00")
-    naive = batch(build([item(requisition_date=None, item_entered_at=None)],
-                        now=dt.datetime(2025, 7, 2, 1, 30)))  # naive `now` is UTC
+    naive = batch(
+        build(
+            [item(requisition_date=None, item_entered_at=None)], now=dt.datetime(2025, 7, 2, 1, 30)
+        )
+    )  # naive `now` is UTC
     assert (naive["date"], naive["time"]) == ("2025-07-01", "22:30:00")
 
 
@@ -380,9 +418,13 @@ def test_later_collection_on_the_same_day_keeps_the_batch_at_the_order_time() ->
 
 
 def test_timezone_aware_datetimes_are_converted_to_lab_time() -> None:
-    rows = [item(requisition_date=dt.datetime(2025, 7, 1, 2, 0, tzinfo=UTC),
-                 requisition_time=None,
-                 item_entered_at=dt.datetime(2025, 7, 1, 11, 10, 30, 999, tzinfo=UTC))]
+    rows = [
+        item(
+            requisition_date=dt.datetime(2025, 7, 1, 2, 0, tzinfo=UTC),
+            requisition_time=None,
+            item_entered_at=dt.datetime(2025, 7, 1, 11, 10, 30, 999, tzinfo=UTC),
+        )
+    ]
     order = batch(build(rows))["order"]
     assert (order["date"], order["time"]) == ("2025-06-30", "23:00:00")
     assert order["tests"][0]["collectionTime"] == "08:10:30"
@@ -393,8 +435,9 @@ def test_timezone_aware_datetimes_are_converted_to_lab_time() -> None:
 
 @pytest.mark.parametrize("code", [None, "", "   "])
 def test_missing_exam_code_refuses_only_that_item(code: str | None) -> None:
-    result = build([item(1), item(2, conv_code=code, description="TSH ULTRA"),
-                    item(3, conv_code="TSH")])
+    result = build(
+        [item(1), item(2, conv_code=code, description="TSH ULTRA"), item(3, conv_code="TSH")]
+    )
     assert result.orders[0].item_ids == (1, 3)
     reason = refusal_reasons(result)[2]
     assert reason.startswith("TSH ULTRA: código do exame ausente")
@@ -408,8 +451,13 @@ def test_trailing_spaces_and_lower_case_codes_resolve(code: str) -> None:
 
 
 def test_unknown_and_ambiguous_codes_are_refused_with_the_exam_named() -> None:
-    result = build([item(1), item(2, conv_code="XYZ", description="EXAME NOVO"),
-                    item(3, conv_code="GLI", description="GLICOSE")])
+    result = build(
+        [
+            item(1),
+            item(2, conv_code="XYZ", description="EXAME NOVO"),
+            item(3, conv_code="GLI", description="GLICOSE"),
+        ]
+    )
     assert result.orders[0].item_ids == (1,)
     reasons = refusal_reasons(result)
     assert reasons[2].startswith("EXAME NOVO (XYZ): exame XYZ (código local XYZ) não existe")
@@ -444,8 +492,14 @@ def test_an_exception_in_one_item_becomes_its_refusal() -> None:
                 raise RuntimeError("falha simulada")
             return super().resolve(lis_item)
 
-    resolver = Exploding(catalog=CATALOG, test_map={}, material_map={}, code_source="convexames",
-                         variant_policy="refuse", dry_run=False)
+    resolver = Exploding(
+        catalog=CATALOG,
+        test_map={},
+        material_map={},
+        code_source="convexames",
+        variant_policy="refuse",
+        dry_run=False,
+    )
     result = build([item(1), item(2, description="TSH"), item(3)], resolver=resolver)
     assert result.orders[0].item_ids == (1, 3)
     reason = refusal_reasons(result)[2]
@@ -498,8 +552,11 @@ def test_ids_too_long_even_compact_are_refused_naming_the_setting() -> None:
 
 def test_physician_number_longer_than_the_limit_is_refused() -> None:
     settings = make_settings(
-        bemsoft_extid_max=8, physician_name="DR", physician_council="CRM",
-        physician_number="123456789", physician_uf="SE",
+        bemsoft_extid_max=8,
+        physician_name="DR",
+        physician_council="CRM",
+        physician_number="123456789",
+        physician_uf="SE",
     )
     reason = refusal_reasons(build([item()], settings=settings))[17065]
     assert "PHYSICIAN_NUMBER tem 9 caracteres" in reason
@@ -511,8 +568,13 @@ SETTINGS_VARIANTS = [
     SETTINGS,
     make_settings(default_gender="F", default_birthdate="1980-02-29", bemsoft_extid_max=8),
     make_settings(
-        default_gender="M", default_birthdate="1970-01-01", bemsoft_extid_max=12,
-        physician_name="DR", physician_council="CRM", physician_number="1234", physician_uf="SE",
+        default_gender="M",
+        default_birthdate="1970-01-01",
+        bemsoft_extid_max=12,
+        physician_name="DR",
+        physician_council="CRM",
+        physician_number="1234",
+        physician_uf="SE",
         lab_utc_offset="-05:00",
     ),
     make_settings(default_gender="M", default_birthdate="1970-01-01", lab_utc_offset="+14:00"),
@@ -528,7 +590,8 @@ datetimes = st.one_of(
     st.none(),
     st.datetimes(min_value=dt.datetime(1899, 1, 1), max_value=dt.datetime(2100, 12, 31)),
     st.datetimes(
-        min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2040, 1, 1),
+        min_value=dt.datetime(2000, 1, 1),
+        max_value=dt.datetime(2040, 1, 1),
         timezones=st.sampled_from([UTC, dt.timezone(dt.timedelta(hours=-3))]),
     ),
 )
@@ -575,21 +638,23 @@ def all_external_ids(payload: dict[str, Any]) -> Iterator[str]:
         yield test["externalId"]
 
 
-@hyp_settings(max_examples=6000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hyp_settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     items=requisitions(),
     settings_index=st.integers(min_value=0, max_value=len(SETTINGS_VARIANTS) - 1),
     resolver_index=st.integers(min_value=0, max_value=len(RESOLVERS) - 1),
     seq=st.integers(min_value=1, max_value=99),
-    now=st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2040, 1, 1),
-                     timezones=st.just(UTC)),
+    now=st.datetimes(
+        min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2040, 1, 1), timezones=st.just(UTC)
+    ),
 )
 def test_any_requisition_gives_valid_orders_or_refusals(
     items: list[LisItem], settings_index: int, resolver_index: int, seq: int, now: dt.datetime
 ) -> None:
     settings = SETTINGS_VARIANTS[settings_index]
-    result = build(items, settings=settings, resolver=RESOLVERS[resolver_index],
-                   first_seq=seq, now=now)
+    result = build(
+        items, settings=settings, resolver=RESOLVERS[resolver_index], first_seq=seq, now=now
+    )
 
     # Every distinct item ends in exactly one place.
     sent = [i for order in result.orders for i in order.item_ids]

@@ -109,13 +109,13 @@ def _decode_body(body: bytes | str | object, source: str) -> object:
         except UnicodeDecodeError:
             body = raw.decode("cp1252", errors="replace")
     if body is None:
-        raise CatalogFormatError(f"{source}: resposta vazia; esperado JSON {{\"tests\": [...]}}")
+        raise CatalogFormatError(f'{source}: resposta vazia; esperado JSON {{"tests": [...]}}')
     if not isinstance(body, str):
         return body
     text = body.strip()
     if not text:
         raise CatalogFormatError(
-            f"{source}: resposta vazia; esperado JSON {{\"tests\": [...]}} — verifique "
+            f'{source}: resposta vazia; esperado JSON {{"tests": [...]}} — verifique '
             "BEMSOFT_BASE_URL e BEMSOFT_TESTS_ENDPOINT"
         )
     if text.startswith("<"):
@@ -168,16 +168,16 @@ def parse_catalog_report(body: bytes | str | object, *, source: str) -> ParseRep
         if "tests" not in data:
             keys = ", ".join(sorted(str(k) for k in data)[:10]) or "nenhuma"
             raise CatalogFormatError(
-                f"{source}: resposta sem a chave \"tests\" (chaves recebidas: {keys}); "
-                "esperado {\"tests\": [...]}"
+                f'{source}: resposta sem a chave "tests" (chaves recebidas: {keys}); '
+                'esperado {"tests": [...]}'
             )
         rows = data["tests"]
     else:
         rows = data
     if not isinstance(rows, list):
         raise CatalogFormatError(
-            f"{source}: \"tests\" deveria ser uma lista, veio {type(rows).__name__}; "
-            "esperado {\"tests\": [{\"id\": ..., \"specimen\": {\"id\": ...}}]}"
+            f'{source}: "tests" deveria ser uma lista, veio {type(rows).__name__}; '
+            'esperado {"tests": [{"id": ..., "specimen": {"id": ...}}]}'
         )
     entries: list[CatalogEntry] = []
     skipped = 0
@@ -190,7 +190,7 @@ def parse_catalog_report(body: bytes | str | object, *, source: str) -> ParseRep
     unique = list(dict.fromkeys(entries))
     if rows and not unique:
         raise CatalogFormatError(
-            f"{source}: nenhum dos {len(rows)} itens tem \"id\" e \"specimen.id\"; o formato "
+            f'{source}: nenhum dos {len(rows)} itens tem "id" e "specimen.id"; o formato '
             "do catálogo da Bemsoft mudou?"
         )
     return ParseReport(entries=unique, skipped=skipped, duplicates=len(entries) - len(unique))
@@ -288,22 +288,22 @@ def _load_json_map(text: str, path: Path, *, setting: str, value_name: str) -> d
     if not isinstance(data, _Pairs):
         raise MapFileError(
             f"arquivo {path}: o conteúdo deve ser um objeto JSON "
-            f"{{\"<código local>\": \"<{value_name}>\"}}, não {_json_kind(data)}"
+            f'{{"<código local>": "<{value_name}>"}}, não {_json_kind(data)}'
         )
     result: dict[str, str] = {}
     for key, value in data:
         if not isinstance(value, str) or not value.strip():
             raise MapFileError(
-                f"arquivo {path}, chave \"{key}\": o valor deve ser um texto não vazio entre "
+                f'arquivo {path}, chave "{key}": o valor deve ser um texto não vazio entre '
                 f"aspas ({value_name}), veio {json.dumps(value, ensure_ascii=False)}"
             )
         norm = normalize_code(key)
         if not norm:
-            raise MapFileError(f"arquivo {path}: chave vazia \"{key}\"; informe o código local")
+            raise MapFileError(f'arquivo {path}: chave vazia "{key}"; informe o código local')
         if norm in result and result[norm] != value.strip():
             raise MapFileError(
-                f"arquivo {path}, chave \"{key}\": aparece mais de uma vez com valores "
-                f"diferentes (\"{result[norm]}\" e \"{value.strip()}\"); deixe só uma"
+                f'arquivo {path}, chave "{key}": aparece mais de uma vez com valores '
+                f'diferentes ("{result[norm]}" e "{value.strip()}"); deixe só uma'
             )
         result[norm] = value.strip()
     return result
@@ -319,14 +319,26 @@ def load_test_map(path: Path) -> dict[str, str]:
     if not text.strip():
         raise MapFileError(
             f"arquivo {path} está vazio; escreva um objeto JSON como "
-            "{\"HEMOGRAMA\": \"HB-001\"} ou remova BEMSOFT_TEST_MAP_PATH do .env"
+            '{"HEMOGRAMA": "HB-001"} ou remova BEMSOFT_TEST_MAP_PATH do .env'
         )
     return _load_json_map(text, path, setting="BEMSOFT_TEST_MAP_PATH", value_name="supportTestId")
 
 
 _HEADER_CODES = frozenset(
-    {"codigo", "cod", "code", "exame", "teste", "test", "codigo local", "codigo_local",
-     "codigo exame", "codigoexame", "codconvexames", "supporttestid"}
+    {
+        "codigo",
+        "cod",
+        "code",
+        "exame",
+        "teste",
+        "test",
+        "codigo local",
+        "codigo_local",
+        "codigo exame",
+        "codigoexame",
+        "codconvexames",
+        "supporttestid",
+    }
 )
 _HEADER_MATERIALS = frozenset(
     {"material", "amostra", "specimen", "especime", "material/amostra", "supportspecimenid"}
@@ -374,12 +386,10 @@ def _load_material_csv(text: str, path: Path) -> dict[str, str]:
                     "BEMSOFT_MATERIAL_MAP_PATH)"
                 )
             code, material = normalize_code(cells[0]), cells[1]
-            if code in result and normalize_material(result[code]) != normalize_material(
-                material
-            ):
+            if code in result and normalize_material(result[code]) != normalize_material(material):
                 raise MapFileError(
-                    f"arquivo {path}, linha {lineno}: o código \"{cells[0]}\" já aparece na "
-                    f"linha {lines[code]} com outro material (\"{result[code]}\"); deixe só uma"
+                    f'arquivo {path}, linha {lineno}: o código "{cells[0]}" já aparece na '
+                    f'linha {lines[code]} com outro material ("{result[code]}"); deixe só uma'
                 )
             result.setdefault(code, material)
             lines.setdefault(code, lineno)
@@ -555,7 +565,8 @@ class Resolver:
             if self.dry_run:
                 return Resolution(support_id, SPECIMEN_DUMMY, None, "ok")
             return Resolution(
-                None, None,
+                None,
+                None,
                 "catálogo /tests da Bemsoft indisponível (ainda não carregado); o item será "
                 "tentado de novo quando o catálogo carregar — verifique BEMSOFT_TOKEN, "
                 "BEMSOFT_BASE_URL e BEMSOFT_TESTS_ENDPOINT",
@@ -595,8 +606,8 @@ class Resolver:
         origin = " (valor vindo de BEMSOFT_TEST_MAP_PATH)" if was_mapped else ""
         reason = (
             f"exame {support_id} (código local {code}){origin} não existe no catálogo /tests "
-            f"da Bemsoft; ajuste BEMSOFT_TEST_MAP_PATH com a linha \"{code}\": "
-            "\"<id do exame na Bemsoft>\""
+            f'da Bemsoft; ajuste BEMSOFT_TEST_MAP_PATH com a linha "{code}": '
+            '"<id do exame na Bemsoft>"'
         )
         hints: list[CatalogEntry] = []
         if self.catalog is not None:
@@ -617,7 +628,8 @@ class Resolver:
         if hint:
             wanted_id, wanted_name = normalize_code(hint), normalize_material(hint)
             matches = [
-                v for v in variants
+                v
+                for v in variants
                 if normalize_code(v.specimen_id) == wanted_id
                 or normalize_material(v.specimen_id) == wanted_name
                 or (v.specimen_name and normalize_material(v.specimen_name) == wanted_name)
@@ -631,13 +643,13 @@ class Resolver:
         listing = _describe_variants(variants[0].test_id, variants)
         if hint:
             advice = (
-                f"o material \"{hint}\" indicado para {code} em BEMSOFT_MATERIAL_MAP_PATH não "
+                f'o material "{hint}" indicado para {code} em BEMSOFT_MATERIAL_MAP_PATH não '
                 "corresponde a uma única variante; corrija essa linha usando um dos materiais "
                 "acima"
             )
         else:
             advice = (
-                f"acrescente a linha \"{code};<material>\" (ex.: {code};{variants[0].specimen_id})"
+                f'acrescente a linha "{code};<material>" (ex.: {code};{variants[0].specimen_id})'
                 " ao arquivo indicado em BEMSOFT_MATERIAL_MAP_PATH (defina essa variável no .env "
                 "se ainda não existir) ou use BEMSOFT_VARIANT_POLICY=first"
             )
@@ -767,7 +779,8 @@ class CatalogCache:
             if self.catalog is not None:
                 log.warning(
                     "catálogo não atualizado; usando cópia de %s (%s)",
-                    _when(self.loaded_at), self.last_error,
+                    _when(self.loaded_at),
+                    self.last_error,
                 )
             else:
                 log.warning(
@@ -801,7 +814,8 @@ class CatalogCache:
         except OSError as exc:
             log.warning(
                 "cópia do catálogo não gravada em %s (%s); verifique BEMSOFT_CATALOG_CACHE",
-                self.path, exc,
+                self.path,
+                exc,
             )
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
@@ -823,7 +837,8 @@ class CatalogCache:
         except (OSError, ValueError, MonitorError) as exc:
             log.warning(
                 "cópia do catálogo ignorada: %s ilegível (%s); será baixada de novo",
-                self.path, _describe_error(exc),
+                self.path,
+                _describe_error(exc),
             )
             return
         self.catalog = Catalog(entries)

@@ -31,8 +31,14 @@ PLACEHOLDER_BIRTHDATE = dt.date(1900, 1, 1)
 _MIDNIGHT = dt.time(0, 0, 0)
 _HORA = re.compile(r"(\d{1,2})\s*[:hH]\s*(\d{2})(?:\s*:\s*(\d{2})(?:[.,]\d+)?)?")
 _GENDERS = {
-    "m": "M", "masc": "M", "masc.": "M", "masculino": "M",
-    "f": "F", "fem": "F", "fem.": "F", "feminino": "F",
+    "m": "M",
+    "masc": "M",
+    "masc.": "M",
+    "masculino": "M",
+    "f": "F",
+    "fem": "F",
+    "fem.": "F",
+    "feminino": "F",
 }
 _NON_DIGITS = re.compile(r"\D")
 
@@ -199,8 +205,11 @@ def _patient_problems(
     else:
         kind = ""
         cpf_state = (
-            "ausente" if not cpf_digits else f"inválido, {len(cpf_digits)} dígitos"
-            if len(cpf_digits) != 11 else "inválido, dígitos todos iguais"
+            "ausente"
+            if not cpf_digits
+            else f"inválido, {len(cpf_digits)} dígitos"
+            if len(cpf_digits) != 11
+            else "inválido, dígitos todos iguais"
         )
         problems.append(
             f"paciente sem identificação: solicitacao.codpaciente vazio e CPF {cpf_state}; "
@@ -406,8 +415,9 @@ def build_orders(
     """
     if not items:
         return TransformResult()
-    ordered = sorted({item.item_id: item for item in reversed(items)}.values(),
-                     key=lambda item: item.item_id)
+    ordered = sorted(
+        {item.item_id: item for item in reversed(items)}.values(), key=lambda item: item.item_id
+    )
     requisition_id = ordered[0].requisition_id
     refusals: list[Refusal] = []
     mine: list[LisItem] = []
@@ -415,19 +425,23 @@ def build_orders(
         if item.requisition_id == requisition_id:
             mine.append(item)
         else:
-            refusals.append(Refusal(
-                item.item_id,
-                f"erro interno: item da solicitação {item.requisition_id} entregue junto com a "
-                f"solicitação {requisition_id}; informe o suporte",
-                kind="internal",
-                retryable=True,
-            ))
+            refusals.append(
+                Refusal(
+                    item.item_id,
+                    f"erro interno: item da solicitação {item.requisition_id} entregue junto com a "
+                    f"solicitação {requisition_id}; informe o suporte",
+                    kind="internal",
+                    retryable=True,
+                )
+            )
 
     try:
         header = _header(mine, settings, first_seq, now)
     except Exception as exc:
-        reason = f"solicitação {requisition_id}: erro inesperado ao montar o pedido ({exc!r}); " \
-                 "informe o suporte"
+        reason = (
+            f"solicitação {requisition_id}: erro inesperado ao montar o pedido ({exc!r}); "
+            "informe o suporte"
+        )
         refusals.extend(Refusal(i.item_id, reason, kind="internal") for i in mine)
         return TransformResult(refusals=refusals)
     if isinstance(header, list):
@@ -445,18 +459,24 @@ def build_orders(
             code = resolver.local_code(item)
             test, collected = _test(item, header, resolver, settings)
         except _ItemRefused as refused:
-            refusals.append(Refusal(
-                item.item_id, f"{_label(item, code)}: {refused.reason}",
-                kind=refused.kind, retryable=refused.retryable,
-            ))
+            refusals.append(
+                Refusal(
+                    item.item_id,
+                    f"{_label(item, code)}: {refused.reason}",
+                    kind=refused.kind,
+                    retryable=refused.retryable,
+                )
+            )
             continue
         except Exception as exc:
-            refusals.append(Refusal(
-                item.item_id,
-                f"{_label(item, code)}: erro inesperado ao montar o item ({exc!r}); informe o "
-                "suporte",
-                kind="internal",
-            ))
+            refusals.append(
+                Refusal(
+                    item.item_id,
+                    f"{_label(item, code)}: erro inesperado ao montar o item ({exc!r}); informe o "
+                    "suporte",
+                    kind="internal",
+                )
+            )
             continue
         tests.append(test)
         collected_at.append(collected)

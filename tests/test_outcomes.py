@@ -1,0 +1,256 @@
+"""Each Bemsoft response maps to one outcome and one outbox state (bemsoft-api.md table)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import pytest
+
+from bemsoft_monitor.bemsoft import BemsoftClient, Kind, classify
+from bemsoft_monitor.simulator import Simulator
+
+from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
+
+NOW = dt.datetime(2026, 7, 1, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture
+def lis_sqlite(tmp_path: Path) -> Lis:
+    helper = Lis(f"sqlite:///{(tmp_path / 'lis.db').as_posix()}")
+    helper.patient()
+    helper.requisition(1)
+    helper.item(1, "FE", item_id=1)
+    return helper
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "kind"),
+    [
+        (201, '{"id": "x"}', {}, Kind.DELIVERED),
+        (200, "", {}, Kind.DELIVERED),
+        (201, '{"error": "Não foi possível salvar os dados recebidos no lote sol-1."}', {},
+         Kind.NOT_SAVED),
+        (201, '{"mensagemErro": "falhou"}', {}, Kind.NOT_SAVED),
+        (201, '{"errors": ["a", "b"]}', {}, Kind.NOT_SAVED),
+        (201, '{"error": null, "id": 1}', {}, Kind.DELIVERED),
+        (200, "<html><body>Proxy</body></html>", {"Content-Type": "text/html"}, Kind.NO_ANSWER),
+        (200, "[1, 2]", {}, Kind.NO_ANSWER),
+        (301, "", {"Location": "https://x/requests"}, Kind.NOT_SAVED),
+        (409, '{"message": "dup"}', {}, Kind.ALREADY),
+        (400, '{"message": "campo X"}', {}, Kind.REJECTED),
+        (422, "", {}, Kind.REJECTED),
+        (401, "", {}, Kind.AUTH),
+        (403, "", {}, Kind.AUTH),
+        (429, "", {"Retry-After": "7"}, Kind.RATE_LIMITED),
+        (500, "<html>erro</html>", {}, Kind.SERVER_ERROR),
+        (503, "", {}, Kind.SERVER_ERROR),
+    ],
+)
+def test_every_response_maps_to_exactly_one_outcome(
+        status: int, body: str, headers: dict[str, str], kind: Kind) -> None:
+    got, message, retry_after = classify(status, headers, body, now=NOW)
+    assert got == kind
+    assert message
+    if status == 429:
+        assert retry_after == 7
+
+
+def test_redirect_message_says_what_to_fix() -> None:
+    _, message, _ = classify(302, {"Location": "https://b/requests"}, "", now=NOW)
+    assert "BEMSOFT_BASE_URL" in message
+
+
+def _order(monitor, req: int = 1):  # type: ignore[no-untyped-def]
+    return monitor.store.orders_of_requisition(req)[0]
+
+
+def test_201_with_error_is_retried_with_a_new_key_and_then_delivered(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "error201"}])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    calls = sim.calls()
+    assert [c["status"] for c in calls] == [201, 201]
+    assert calls[0]["key"] != calls[1]["key"]  # generation changed: nothing had been saved
+    assert len(sim.saved_tests()) == 1
+    assert _order(monitor).state == "delivered"
+    monitor.close()
+
+
+def test_5xx_is_retried_with_the_same_key(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "status", "status": 503}, {"kind": "status", "status": 502}])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    calls = sim.calls()
+    assert [c["status"] for c in calls] == [503, 502, 201]
+    assert len({c["key"] for c in calls}) == 1
+    assert len(sim.saved_tests()) == 1
+    monitor.close()
+
+
+def test_409_after_a_server_error_goes_to_conferir_not_delivered(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    # The backend saved, then a proxy answered 502: the retry gets 409, which is ambiguous.
+    sim.set_faults([{"kind": "status", "status": 502, "after_save": True}])
+    monitor, parts = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    order = _order(monitor)
+    assert order.state == "conferir"
+    assert "Conferir" in (order.last_error or "")
+    assert parts.store.requisition_items(1)[0].state == "conferir"
+    monitor.close()
+
+
+def test_409_after_a_lost_answer_means_delivered(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "reset", "after_save": True}])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    assert [c["status"] for c in sim.calls()] == [None, 409]
+    assert _order(monitor).state == "delivered"
+    assert len(sim.saved_tests()) == 1
+    monitor.close()
+
+
+def test_409_on_the_first_use_of_a_key_goes_to_conferir(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    import requests
+
+    from bemsoft_monitor.store import idempotency_key, item_set_hash
+
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    key = idempotency_key(1, 1, item_set_hash([1]), 1)
+    # Another tool used the key first: our first attempt meets a 409 it cannot explain.
+    payload = {"batch": {"externalId": "x", "date": "2026-07-01", "time": "08:00:00", "order": {
+        "externalId": "o", "date": "2026-07-01", "time": "08:00:00",
+        "patient": {"externalId": "p", "name": "N", "birthDate": "1990-01-01", "gender": "F"},
+        "tests": [{"externalId": "t", "collectionDate": "2026-07-01",
+                   "collectionTime": "08:00:00", "supportTestId": "FE",
+                   "supportSpecimenId": "SORO"}]}}}
+    r = requests.post(sim.url + "/requests", json=payload, timeout=5,
+                      headers={"Authorization": f"Bearer {sim.token}", "Idempotency-Key": key})
+    assert r.status_code == 201
+    drive(monitor, clock)
+    order = _order(monitor)
+    assert order.key == key
+    assert order.state == "conferir"
+    assert "primeira tentativa" in (order.last_error or "")
+    monitor.close()
+
+
+def test_400_goes_to_failed_dir_at_once_with_the_api_message(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "status", "status": 400}])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    assert len(sim.calls()) == 1
+    order = _order(monitor)
+    assert order.state == "dead"
+    assert "Falha simulada" in (order.last_error or "")
+    assert order.failed_file and Path(order.failed_file).exists()
+    monitor.close()
+
+
+def test_401_pauses_all_sending_keeps_events_and_resumes_when_token_works(
+        tmp_path: Path, sim: Simulator, clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    lis = Lis(_url(tmp_path))
+    lis.patient()
+    for req in (1, 2, 3):
+        lis.requisition(req)
+        lis.item(req, "FE")
+    real_token = sim.token
+    caplog.set_level(logging.INFO)
+    settings = make_settings(_url(tmp_path), tmp_path, sim, bemsoft_concurrency=1,
+                             bemsoft_breaker_seconds=30)
+    monitor, parts = make_monitor(settings, clock)
+    assert monitor.catalog is not None and monitor.catalog.refresh()
+    sim.set_token("outro-token")  # the lab's token is revoked
+    for _ in range(5):
+        monitor.cycle()
+        clock.advance(5)
+    assert monitor.auth_paused is not None
+    assert parts.store.get_flag("AuthPaused")[0]
+    posts = [c for c in sim.calls()]
+    assert len(posts) == 1  # one refused POST, then only GET /tests probes
+    errors = [r for r in caplog.records if "PAUSADO" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+    assert parts.store.counts()["orders"].get("pending") == 3
+    sim.set_token(real_token)
+    clock.advance(31)
+    drive(monitor, clock)
+    assert monitor.auth_paused is None
+    assert len(sim.saved_tests()) == 3
+    assert parts.store.get_flag("AuthPaused")[0] is None
+    monitor.close()
+
+
+def test_429_waits_at_least_retry_after(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "429", "retry_after": 120}])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    monitor.cycle()
+    order = _order(monitor)
+    assert order.state == "pending"
+    clock.advance(60)
+    monitor.cycle()
+    assert len(sim.calls()) == 1
+    clock.advance(61)
+    monitor.cycle()
+    assert _order(monitor).state == "delivered"
+    monitor.close()
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "html", "status": 502},
+    {"kind": "empty", "status": 503},
+    {"kind": "reset"},
+    {"kind": "html", "status": 200},
+])
+def test_unreadable_answers_never_crash_and_never_lose_the_event(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock,
+        fault: dict) -> None:
+    sim.set_faults([fault])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    assert _order(monitor).state in ("delivered", "conferir")
+    if fault.get("status") != 200:
+        assert _order(monitor).state == "delivered"
+    assert len(sim.saved_tests()) == 1
+    monitor.close()
+
+
+def test_retry_horizon_ends_in_failed_dir(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "status", "status": 500}] * 50)
+    settings = make_settings(_url(tmp_path), tmp_path, sim, bemsoft_retry_horizon_seconds=20,
+                             bemsoft_breaker_seconds=1)
+    monitor, _ = make_monitor(settings, clock)
+    drive(monitor, clock, cycles=60, step_s=2)
+    order = _order(monitor)
+    assert order.state == "dead"
+    assert "BEMSOFT_RETRY_HORIZON_SECONDS" in (order.last_error or "")
+    assert list((tmp_path / "failed").glob("*.json"))
+    monitor.close()
+
+
+def test_connection_refused_is_no_answer(tmp_path: Path) -> None:
+    client = BemsoftClient(base_url="http://127.0.0.1:9", token="x", timeout_s=2)
+    outcome = client.post_order({"batch": {}}, key="k")
+    assert outcome.kind == Kind.NO_ANSWER
+    assert "conexão" in outcome.message
+
+
+def test_token_never_appears_in_outcome_messages(sim: Simulator) -> None:
+    secret = "segredo-muito-secreto-123"
+    client = BemsoftClient(base_url=sim.url, token=secret, timeout_s=2)
+    outcome = client.post_order({"batch": {}}, key="k")
+    assert outcome.kind == Kind.AUTH
+    assert secret not in outcome.message and secret not in outcome.body_excerpt
