@@ -142,7 +142,11 @@ def parse_odbc_attributes(text: str) -> list[tuple[str, str]]:
 
 
 class Settings(BaseSettings):
-    """Frozen configuration of one monitor process."""
+    """Frozen configuration of one monitor process.
+
+    Invalid input raises :class:`ConfigError` (not pydantic's ValidationError) with one
+    Portuguese line per problem: field errors and cross-field rules together.
+    """
 
     model_config = SettingsConfigDict(
         env_file_encoding="utf-8-sig",  # Notepad writes a BOM

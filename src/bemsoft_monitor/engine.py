@@ -359,8 +359,7 @@ class Monitor:
                                   first_seq=self.store.order_seq(req_id) + 1,
                                   now=self.clock.now()) if sendable else None
             if (result is not None and result.refusals and self.catalog is not None
-                    and not retried_catalog and self._refusals_need_catalog(resolver, sendable,
-                                                                            result)):
+                    and not retried_catalog and self._refusals_need_catalog(result)):
                 # A code missing from a cached catalogue may exist in a fresh one.
                 retried_catalog = True
                 if self.catalog.refresh_on_miss():
@@ -395,11 +394,9 @@ class Monitor:
                     if order is not None:
                         self.show_payload(order)
 
-    def _refusals_need_catalog(self, resolver: Resolver, items: list[LisItem],
-                               result: Any) -> bool:
-        refused = {r.item_id for r in result.refusals}
-        return any(resolver.resolve(i).status in ("not_in_catalog", "no_catalog")
-                   for i in items if i.item_id in refused)
+    @staticmethod
+    def _refusals_need_catalog(result: Any) -> bool:
+        return any(r.kind in ("not_in_catalog", "no_catalog") for r in result.refusals)
 
     def _report_refusals(self, req_id: int, refusals: list[Any],
                          items: dict[int, LisItem]) -> None:

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Inicia o reprocessamento de falhas (retry_failed.py --send) em segundo plano.
+#   Uso: bash scripts/start_retry.sh [PASTA] [outras opções do retry, ex.: --limit 10]
+#   PASTA: eventos com falha a reenviar (padrão: FAILED_DIR do .env, completo/failed_events)
+#   Log: logs/retry.log    PID: run/retry.pid    Parar: bash scripts/stop_retry.sh
+# Pode ser executado de qualquer pasta e mais de uma vez (não inicia uma segunda cópia).
+set -eu
+
+NAME="Reprocessamento de falhas"
+ENTRY="retry_failed.py"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PID_FILE="run/retry.pid"
+LOG_FILE="logs/retry.log"
+DIR=""
+if [ "$#" -gt 0 ] && [ "${1#-}" = "$1" ]; then
+    # A relative folder is relative to where the user ran the script, not to the repo.
+    case "$1" in
+        /*) DIR="$1" ;;
+        *) DIR="$(pwd)/$1" ;;
+    esac
+    shift
+fi
+cd "$ROOT"
+
+# True when $1 is a live process started from our entry script (guards against PID reuse).
+is_ours() {
+    kill -0 "$1" 2>/dev/null || return 1
+    command -v ps >/dev/null 2>&1 || return 0
+    ps -p "$1" -o args= 2>/dev/null | grep -q -- "$ENTRY"
+}
+
+if [ -x .venv/bin/python ]; then
+    PYTHON=".venv/bin/python"
+else
+    PYTHON="python3"
+fi
+
+mkdir -p logs run
+
+if [ -f "$PID_FILE" ]; then
+    pid="$(cat "$PID_FILE" 2>/dev/null || true)"
+    if [ -n "$pid" ] && is_ours "$pid"; then
+        echo "$NAME já está em execução (PID $pid)."
+        exit 0
+    fi
+    echo "Removendo arquivo de PID antigo ($PID_FILE): o processo ${pid:-?} não existe mais."
+    rm -f "$PID_FILE"
+fi
+
+# Without a folder the CLI uses FAILED_DIR from .env; --send really sends (not a dry run).
+set -- --send "$@"
+if [ "$DIR" != "" ]; then
+    set -- --dir "$DIR" "$@"
+fi
+echo "---- $(date '+%Y-%m-%d %H:%M:%S') iniciando $NAME ($PYTHON $ENTRY $*) ----" >>"$LOG_FILE"
+PYTHONUNBUFFERED=1 nohup "$PYTHON" "$ENTRY" "$@" >>"$LOG_FILE" 2>&1 </dev/null &
+pid=$!
+echo "$pid" >"$PID_FILE"
+
+# A bad .env makes the process exit at once (code 2): report it instead of "iniciado".
+sleep 1
+if ! kill -0 "$pid" 2>/dev/null; then
+    rm -f "$PID_FILE"
+    rc=0
+    wait "$pid" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        echo "$NAME já terminou (código 0). Log: $LOG_FILE"
+        exit 0
+    fi
+    echo "ERRO: $NAME encerrou logo após iniciar (código $rc). Últimas linhas de $LOG_FILE:" >&2
+    tail -n 20 "$LOG_FILE" >&2
+    exit 1
+fi
+echo "$NAME iniciado (PID $pid). Log: $LOG_FILE"

@@ -1,0 +1,5 @@
+"""``python -m bemsoft_monitor``."""
+
+from .cli import main
+
+main()
