@@ -141,7 +141,7 @@ def test_409_on_the_first_use_of_a_key_goes_to_conferir(
     order = _order(monitor)
     assert order.key == key
     assert order.state == "conferir"
-    assert "primeira tentativa" in (order.last_error or "")
+    assert "sem nenhuma tentativa anterior sem resposta" in (order.last_error or "")
     monitor.close()
 
 
@@ -254,3 +254,42 @@ def test_token_never_appears_in_outcome_messages(sim: Simulator) -> None:
     outcome = client.post_order({"batch": {}}, key="k")
     assert outcome.kind == Kind.AUTH
     assert secret not in outcome.message and secret not in outcome.body_excerpt
+
+
+def test_definite_refusal_after_an_uncertain_attempt_keeps_the_key_and_never_duplicates(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    # The first attempt was saved but its answer was lost; then the token is refused.
+    # A fresh key now would create the order twice: the key must be kept.
+    sim.set_faults([{"kind": "reset", "after_save": True}, {"kind": "error201"}])
+    monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
+    drive(monitor, clock)
+    calls = sim.calls()
+    assert [c["status"] for c in calls] == [None, 201, 409]
+    assert len({c["key"] for c in calls}) == 1
+    assert len(sim.saved_tests()) == 1
+    # 201-with-error may have recorded the key: the 409 cannot be read as delivered.
+    assert _order(monitor).state == "conferir"
+    monitor.close()
+
+
+def test_a_401_after_a_lost_answer_keeps_the_key_and_409_then_means_delivered(
+        lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    sim.set_faults([{"kind": "reset", "after_save": True}])
+    settings = make_settings(_url(tmp_path), tmp_path, sim, bemsoft_breaker_seconds=5)
+    monitor, _ = make_monitor(settings, clock)
+    assert monitor.catalog is not None and monitor.catalog.refresh()
+    real = sim.token
+    monitor.cycle()  # reset: no answer
+    sim.set_token("revogado")
+    clock.advance(5)
+    monitor.cycle()  # 401: paused
+    assert monitor.auth_paused
+    sim.set_token(real)
+    clock.advance(6)
+    drive(monitor, clock)
+    posts = sim.calls()
+    assert [c["status"] for c in posts] == [None, 401, 409]
+    assert len({c["key"] for c in posts}) == 1
+    assert _order(monitor).state == "delivered"
+    assert len(sim.saved_tests()) == 1
+    monitor.close()

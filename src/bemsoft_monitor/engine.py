@@ -492,6 +492,10 @@ class Monitor:
 
     def record_outcome(self, order: OrderRow, outcome: Outcome) -> str:
         """Apply the response table of bemsoft-api.md to one order; return its new state."""
+        if not self.store.holds(order.order_id, order.holder or ""):
+            log.warning("resposta do pedido %s ignorada: ele foi retomado por outro monitor "
+                        "(%s)", order.order_id, outcome.message)
+            return "fenced"
         now = self.clock.now()
         common: dict[str, Any] = {"now": now, "status": outcome.status,
                                   "outcome": outcome.kind.value,
@@ -507,10 +511,10 @@ class Monitor:
                      order.order_id, len(order.item_ids))
             return ORDER_DELIVERED
         if kind == Kind.ALREADY:
-            if order.key_answered or order.key_attempts <= 1:
-                why = ("409 após uma tentativa anterior que recebeu erro do servidor"
+            if order.key_answered or not order.key_uncertain:
+                why = ("409 depois de uma resposta de falha com a mesma chave"
                        if order.key_answered else
-                       "409 na primeira tentativa com esta chave")
+                       "409 sem nenhuma tentativa anterior sem resposta com esta chave")
                 detail = (f"{outcome.message}. Conferir: {why}; não é possível saber se a "
                           "Bemsoft salvou o pedido. Verifique no portal e use Reenviar ou "
                           "Marcar como resolvido.")
@@ -524,15 +528,22 @@ class Monitor:
             log.info("solicitação %s já estava na Bemsoft (409 após tentativa sem resposta)",
                      order.requisition_id)
             return ORDER_DELIVERED
+        # A fresh key is safe only when no attempt with the current key may have been
+        # saved; otherwise the key is kept so Bemsoft can still deduplicate by it.
+        fresh_key = kind in DEFINITELY_NOT_SAVED and not order.key_uncertain
+        # These answers come after Bemsoft processed the request: the key may be recorded.
+        touched = True if kind in (Kind.SERVER_ERROR, Kind.NOT_SAVED, Kind.REJECTED) else None
         if kind == Kind.REJECTED:
-            return self._dead_letter(order, outcome, common, new_generation=True)
+            return self._dead_letter(order, outcome, common, new_generation=fresh_key,
+                                     key_answered=touched)
         if kind == Kind.AUTH:
             self._pause_for_token(outcome, now)
             self.store.finish(order, state=ORDER_PENDING, detail=outcome.message,
-                              next_attempt_at=now, new_generation=True, **common)
+                              next_attempt_at=now, new_generation=fresh_key, **common)
             return ORDER_PENDING
         # Retryable: RATE_LIMITED, NOT_SAVED, SERVER_ERROR, NO_ANSWER.
-        if kind in (Kind.SERVER_ERROR, Kind.NO_ANSWER) and self.breaker.failure(now):
+        uncertain = True if kind in (Kind.SERVER_ERROR, Kind.NO_ANSWER) else None
+        if uncertain and self.breaker.failure(now):
             log.error("Bemsoft fora do ar ou instável (%s); uma sondagem a cada %.0f s",
                       outcome.message, self.breaker.interval_s)
         first = order.first_attempt_at or store_naive(now)
@@ -542,8 +553,8 @@ class Monitor:
         if out_of_time or out_of_tries:
             limit = ("horizonte de novas tentativas (BEMSOFT_RETRY_HORIZON_SECONDS)"
                      if out_of_time else "número máximo de tentativas (BEMSOFT_RETRIES)")
-            return self._dead_letter(order, outcome, common,
-                                     new_generation=kind in DEFINITELY_NOT_SAVED,
+            return self._dead_letter(order, outcome, common, new_generation=fresh_key,
+                                     key_answered=touched, key_uncertain=uncertain,
                                      extra=f"; {limit} esgotado após {order.attempts} "
                                            "tentativa(s)")
         delay = backoff_delay_s(order.attempts, base_s=self.s.bemsoft_backoff,
@@ -551,14 +562,15 @@ class Monitor:
                                 retry_after_s=outcome.retry_after_s)
         self.store.finish(order, state=ORDER_PENDING, detail=outcome.message,
                           next_attempt_at=now + dt.timedelta(seconds=delay),
-                          new_generation=kind in DEFINITELY_NOT_SAVED,
-                          key_answered=True if kind == Kind.SERVER_ERROR else None, **common)
+                          new_generation=fresh_key, key_answered=touched,
+                          key_uncertain=uncertain, **common)
         log.warning("solicitação %s: %s; nova tentativa em %.1f s (tentativa %d)",
                     order.requisition_id, outcome.message, delay, order.attempts)
         return ORDER_PENDING
 
     def _dead_letter(self, order: OrderRow, outcome: Outcome, common: dict[str, Any], *,
-                     new_generation: bool, extra: str = "") -> str:
+                     new_generation: bool, extra: str = "", key_answered: bool | None = None,
+                     key_uncertain: bool | None = None) -> str:
         reason = outcome.message + extra
         event = self.failed_event(order, reason=reason)
         path: Path | None = None
@@ -570,6 +582,7 @@ class Monitor:
             log.error("não foi possível gravar em FAILED_DIR (%s): %s; o pedido continua "
                       "registrado no banco de estado", self.s.failed_dir, exc.strerror)
         self.store.finish(order, state=ORDER_DEAD, detail=reason, new_generation=new_generation,
+                          key_answered=key_answered, key_uncertain=key_uncertain,
                           failed_file=str(path) if path else None, **common)
         log.error("solicitação %s não enviada: %s (arquivo: %s)", order.requisition_id, reason,
                   path or "não gravado")

@@ -238,6 +238,91 @@ class LisSource:
     def _wants(self, item: LisItem) -> bool:
         return normalize_lab_name(item.support_lab) in self._wanted
 
+    # --- exam codes in use (``mapping check``) -------------------------------------------
+    def distinct_codes_query(
+        self, since: dt.datetime | None, *, code_source: str = "convexames"
+    ) -> sa.Select[tuple[object, ...]]:
+        """Local exam codes of the configured labs, one row per UPPER(trimmed) code.
+
+        ``code_source`` is TEST_CODE_SOURCE (``convexames`` or ``codigoexame``). An item
+        counts from ``since`` on by ``ItemSol.DataEntrada``; without it, by its
+        requisition's ``dtaentrada``; items with neither date are always counted (they
+        cannot be placed in time and the monitor would still meet them). Each row carries
+        the lowest ``CodItemSol`` of its group and that item's code and descriptions.
+        """
+        i, s, e = self.t.item, self.t.requisition, self.t.exam
+        raw = e.c.CodigoExame if code_source == "codigoexame" else i.c.CodConvExames
+        # LTRIM(RTRIM()) rather than TRIM(): SQL Server has TRIM only from 2017 on.
+        key = sa.func.upper(sa.func.ltrim(sa.func.rtrim(raw)))
+        where: list[sa.ColumnElement[bool]] = [self._lab_filter()]
+        if since is not None:
+            start = sa.bindparam("since", since, type_=sa.DateTime())
+            # Written as ORs rather than COALESCE() so an index on DataEntrada stays usable.
+            where.append(sa.or_(
+                i.c.DataEntrada >= start,
+                sa.and_(i.c.DataEntrada.is_(None),
+                        sa.or_(s.c.dtaentrada >= start, s.c.dtaentrada.is_(None))),
+            ))
+        codes = (
+            sa.select(
+                key.label("code_key"),
+                sa.func.count().label("n_items"),
+                sa.func.count(sa.distinct(i.c.CodSolicitacao)).label("n_requisitions"),
+                sa.func.min(i.c.CodItemSol).label("sample_item_id"),
+                sa.func.max(sa.func.coalesce(i.c.DataEntrada, s.c.dtaentrada)).label("last_seen"),
+            )
+            .select_from(
+                i.join(s, s.c.codsolicitacao == i.c.CodSolicitacao)
+                .outerjoin(e, e.c.CodTexame == i.c.CodTExame)
+            )
+            .where(*where)
+            .group_by(key)
+            .subquery("codes")
+        )
+        sample = i.alias("sample_item")
+        sample_exam = e.alias("sample_exam")
+        # Outer joins: a sample item deleted meanwhile must not hide its whole group.
+        return (
+            sa.select(
+                codes.c.code_key, codes.c.n_items, codes.c.n_requisitions,
+                codes.c.sample_item_id, codes.c.last_seen,
+                sample.c.CodConvExames, sample.c.CodTExame, sample.c.DescExames,
+                sample_exam.c.CodigoExame, sample_exam.c.descricao,
+            )
+            .select_from(
+                codes.outerjoin(sample, sample.c.CodItemSol == codes.c.sample_item_id)
+                .outerjoin(sample_exam, sample_exam.c.CodTexame == sample.c.CodTExame)
+            )
+            .order_by(codes.c.n_items.desc(), codes.c.code_key)
+        )
+
+    def fetch_distinct_codes(
+        self, conn: Connection, since: dt.datetime | None, *, code_source: str = "convexames"
+    ) -> list[dict[str, object]]:
+        """Run :meth:`distinct_codes_query`; plain values per row.
+
+        Keys: ``code_key`` (UPPER trimmed code, None when NULL), ``items``, ``requisitions``,
+        ``sample_item_id``, ``last_seen``, ``sample_code`` (the sample item's code as
+        written), ``exam_type_id``, ``description`` (DescExames), ``exam_description``.
+        """
+        rows = conn.execute(self.distinct_codes_query(since, code_source=code_source))
+        out: list[dict[str, object]] = []
+        for row in rows:
+            m = row._mapping
+            sample_code = m["CodigoExame"] if code_source == "codigoexame" else m["CodConvExames"]
+            out.append({
+                "code_key": _str(m["code_key"]),
+                "items": int(m["n_items"] or 0),  # type: ignore[call-overload]
+                "requisitions": int(m["n_requisitions"] or 0),  # type: ignore[call-overload]
+                "sample_item_id": _int(m["sample_item_id"]),
+                "last_seen": _dt(m["last_seen"]),
+                "sample_code": _str(sample_code),
+                "exam_type_id": _int(m["CodTExame"]),
+                "description": _str(m["DescExames"]),
+                "exam_description": _str(m["descricao"]),
+            })
+        return out
+
 
 def _to_item(row: Row[tuple[object, ...]]) -> LisItem:
     m = row._mapping

@@ -95,7 +95,11 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("State", sa.String(16), nullable=False, index=True),
         sa.Column("Attempts", sa.Integer, nullable=False, default=0),
         sa.Column("KeyAttempts", sa.Integer, nullable=False, default=0),
+        # A failure answer was received for the current key (it may be recorded by Bemsoft).
         sa.Column("KeyAnswered", sa.Boolean, nullable=False, default=False),
+        # An attempt with the current key got no answer (timeout, reset, 5xx, crash): it
+        # may have been saved.
+        sa.Column("KeyUncertain", sa.Boolean, nullable=False, default=False),
         sa.Column("NextAttemptAt", _DateTime, nullable=False, index=True),
         sa.Column("FirstAttemptAt", _DateTime, nullable=True),
         sa.Column("LastStatus", sa.Integer, nullable=True),
@@ -180,11 +184,13 @@ class OrderRow:
     attempts: int
     key_attempts: int
     key_answered: bool
+    key_uncertain: bool
     first_attempt_at: dt.datetime | None
     payload: dict[str, Any]
     last_error: str | None
     last_status: int | None
     failed_file: str | None
+    holder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -408,6 +414,7 @@ class StateStore:
                     ItemIds=",".join(str(i) for i in sorted(draft.item_ids)),
                     ItemSetHash=set_hash, Generation=1, IdempotencyKey=key,
                     State=ORDER_PENDING, Attempts=0, KeyAttempts=0, KeyAnswered=False,
+                    KeyUncertain=False,
                     NextAttemptAt=ts, Payload=json.dumps(draft.payload, ensure_ascii=False),
                     CreatedAt=ts, UpdatedAt=ts,
                 ))
@@ -467,7 +474,7 @@ class StateStore:
             res = conn.execute(sa.update(self.orders).where(
                 self.orders.c.State == ORDER_SENDING).values(
                 State=ORDER_PENDING, NextAttemptAt=ts, Holder=None, UpdatedAt=ts,
-                LastOutcome="no_answer",
+                LastOutcome="no_answer", KeyUncertain=True,
                 LastError="envio interrompido (processo parado durante o envio)"))
             conn.execute(sa.update(self.attempts).where(self.attempts.c.FinishedAt.is_(None))
                          .values(FinishedAt=ts, Outcome="interrupted"))
@@ -553,9 +560,15 @@ class StateStore:
         next_attempt_at: dt.datetime | None = None,
         new_generation: bool = False,
         key_answered: bool | None = None,
+        key_uncertain: bool | None = None,
         failed_file: str | None = None,
-    ) -> None:
-        """Record an attempt's outcome and the order's next state, items following."""
+    ) -> bool:
+        """Record an attempt's outcome and the order's next state, items following.
+
+        Fenced: nothing is written (False) unless the order is still being sent by the
+        holder that claimed it, so a monitor that lost its lease cannot overwrite the
+        successor's record.
+        """
         ts = utc_naive(now)
         values: dict[str, Any] = {
             "State": state, "Holder": None, "UpdatedAt": ts, "LastStatus": status,
@@ -565,9 +578,11 @@ class StateStore:
             values["NextAttemptAt"] = utc_naive(next_attempt_at)
         if key_answered is not None:
             values["KeyAnswered"] = key_answered
+        if key_uncertain is not None:
+            values["KeyUncertain"] = key_uncertain
         if new_generation:
             gen = order.generation + 1
-            values.update(Generation=gen, KeyAttempts=0, KeyAnswered=False,
+            values.update(Generation=gen, KeyAttempts=0, KeyAnswered=False, KeyUncertain=False,
                           IdempotencyKey=idempotency_key(
                               order.requisition_id, order.seq,
                               item_set_hash(order.item_ids), gen))
@@ -579,8 +594,11 @@ class StateStore:
                       ORDER_CONFERIR: ITEM_CONFERIR, ORDER_PENDING: ITEM_ORDERED,
                       ORDER_RESOLVED: ITEM_DELIVERED}.get(state)
         with self.engine.begin() as conn:
-            conn.execute(sa.update(self.orders).where(self.orders.c.OrderId == order.order_id)
-                         .values(**values))
+            res = conn.execute(sa.update(self.orders).where(
+                self.orders.c.OrderId == order.order_id, self.orders.c.State == ORDER_SENDING,
+                self.orders.c.Holder == order.holder).values(**values))
+            if res.rowcount != 1:
+                return False
             last_attempt = (sa.select(sa.func.max(self.attempts.c.AttemptId))
                             .where(self.attempts.c.OrderId == order.order_id).scalar_subquery())
             conn.execute(sa.update(self.attempts).where(
@@ -590,6 +608,14 @@ class StateStore:
             if item_state is not None:
                 reason = None if state in (ORDER_DELIVERED, ORDER_PENDING) else detail
                 self._set_items(conn, list(order.item_ids), item_state, ts, reason=reason)
+        return True
+
+    def holds(self, order_id: int, holder: str) -> bool:
+        """Whether ``holder`` is still the one sending this order."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(self.orders.c.State, self.orders.c.Holder).where(
+                self.orders.c.OrderId == order_id)).first()
+            return row is not None and row.State == ORDER_SENDING and row.Holder == holder
 
     def requeue_order(self, order_id: int, *, now: dt.datetime, new_generation: bool) -> bool:
         """Put a dead or 'conferir' order back in the queue (retry command, painel)."""
@@ -603,7 +629,7 @@ class StateStore:
             if new_generation:
                 gen = order.generation + 1
                 values.update(Generation=gen, KeyAttempts=0, KeyAnswered=False,
-                              IdempotencyKey=idempotency_key(
+                              KeyUncertain=False, IdempotencyKey=idempotency_key(
                                   order.requisition_id, order.seq,
                                   item_set_hash(order.item_ids), gen))
             conn.execute(sa.update(self.orders).where(self.orders.c.OrderId == order_id)
@@ -749,7 +775,8 @@ def _order_row(r: Any) -> OrderRow:
         item_ids=tuple(int(x) for x in str(r.ItemIds).split(",") if x),
         generation=int(r.Generation), key=str(r.IdempotencyKey), state=str(r.State),
         attempts=int(r.Attempts), key_attempts=int(r.KeyAttempts),
-        key_answered=bool(r.KeyAnswered), first_attempt_at=r.FirstAttemptAt,
+        key_answered=bool(r.KeyAnswered), key_uncertain=bool(r.KeyUncertain),
+        first_attempt_at=r.FirstAttemptAt,
         payload=json.loads(r.Payload), last_error=r.LastError, last_status=r.LastStatus,
-        failed_file=r.FailedFile,
+        failed_file=r.FailedFile, holder=r.Holder,
     )
