@@ -27,6 +27,7 @@ from .catalog import CatalogCache, Resolver
 from .config import Settings
 from .deadletter import append_refused_report, write_failed
 from .errors import MonitorError
+from .metrics import Metrics
 from .models import LisItem
 from .procutil import hostname, pid_alive
 from .source import LisSource
@@ -144,8 +145,10 @@ class Monitor:
         material_map: dict[str, str],
         clock: Clock | None = None,
         show_payload: Callable[[OrderRow], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.s = settings
+        self.metrics = metrics or Metrics()
         self.lis = lis_engine
         self.source = source
         self.store = store
@@ -239,6 +242,7 @@ class Monitor:
             log.warning("outro monitor está ativo neste banco de estado (%s); aguardando", current)
             self._lease_wait_logged = True
         self._lease_held = held
+        self.metrics.lease_held.set(1 if held else 0)
         return held
 
     # --- cycle --------------------------------------------------------------------------------------------
@@ -296,12 +300,14 @@ class Monitor:
                                              now=now, debounce_s=self.s.debounce_seconds)
             stats.read += len(items)
             stats.new += result.new_items
+            self.metrics.items_read.inc(result.new_items)
             if result.new_items:
                 log.info("%d item(ns) novo(s) lido(s); checkpoint=%s", result.new_items,
                          new_max if new_max is not None else checkpoint)
             if len(above) < self.s.batch_size:
                 break
         self.last_successful_poll = self.clock.now()
+        self.metrics.last_successful_poll.set(self.last_successful_poll.timestamp())
         self.store.set_flag(FLAG_LAST_POLL, self.last_successful_poll.isoformat(),
                             now=self.last_successful_poll)
 
@@ -378,6 +384,7 @@ class Monitor:
             stats.settled += 1
             stats.orders_created += len(order_ids)
             stats.refused += len(refusals)
+            self.metrics.refused_items.inc(len(refusals))
             stats.cancelled += len(gone)
             if gone:
                 log.info("solicitação %s: %d item(ns) removido(s) do LIS antes do envio "
@@ -497,6 +504,9 @@ class Monitor:
                         "(%s)", order.order_id, outcome.message)
             return "fenced"
         now = self.clock.now()
+        self.metrics.orders.labels(outcome.kind.value).inc()
+        if outcome.status is not None:
+            self.metrics.send_latency.observe(outcome.elapsed_s)
         common: dict[str, Any] = {"now": now, "status": outcome.status,
                                   "outcome": outcome.kind.value,
                                   "elapsed_ms": int(outcome.elapsed_s * 1000)}
@@ -564,6 +574,7 @@ class Monitor:
                           next_attempt_at=now + dt.timedelta(seconds=delay),
                           new_generation=fresh_key, key_answered=touched,
                           key_uncertain=uncertain, **common)
+        self.metrics.retries.inc()
         log.warning("solicitação %s: %s; nova tentativa em %.1f s (tentativa %d)",
                     order.requisition_id, outcome.message, delay, order.attempts)
         return ORDER_PENDING
@@ -584,6 +595,7 @@ class Monitor:
         self.store.finish(order, state=ORDER_DEAD, detail=reason, new_generation=new_generation,
                           key_answered=key_answered, key_uncertain=key_uncertain,
                           failed_file=str(path) if path else None, **common)
+        self.metrics.dead_letters.inc()
         log.error("solicitação %s não enviada: %s (arquivo: %s)", order.requisition_id, reason,
                   path or "não gravado")
         return ORDER_DEAD
@@ -610,6 +622,7 @@ class Monitor:
             log.error("envio PAUSADO: %s. Os pedidos ficam guardados e o envio volta sozinho "
                       "quando o token for aceito", outcome.message)
         self._auth_paused = outcome.message
+        self.metrics.auth_paused.set(1)
         self._next_probe = now + dt.timedelta(seconds=self.s.bemsoft_breaker_seconds)
         self.store.set_flag(FLAG_AUTH_PAUSED, outcome.message, now=now)
 
@@ -623,11 +636,28 @@ class Monitor:
         if result.kind == Kind.DELIVERED:
             log.info("token aceito novamente pela Bemsoft; envios retomados")
             self._auth_paused = None
+            self.metrics.auth_paused.set(0)
             self._next_probe = None
             self.store.set_flag(FLAG_AUTH_PAUSED, None, now=now)
             return True
         self._next_probe = now + dt.timedelta(seconds=self.s.bemsoft_breaker_seconds)
         return False
+
+    def refresh_gauges(self) -> None:
+        """Queue gauges from the state store (called when /metrics is scraped)."""
+        counts = self.store.counts()["orders"]
+        for state in ("pending", "sending", "delivered", "dead", "conferir", "resolved"):
+            self.metrics.queue_depth.labels(state).set(counts.get(state, 0))
+        oldest = self.store.oldest_waiting()
+        now = store_naive(self.clock.now())
+        self.metrics.oldest_waiting_age.set((now - oldest).total_seconds() if oldest else 0)
+        age = self.catalog.age_s() if self.catalog is not None else None
+        self.metrics.catalog_age.set(age if age is not None else -1)
+
+    @property
+    def lease_held(self) -> bool:
+        """Whether this process holds the state-store lease."""
+        return self._lease_held
 
     @property
     def auth_paused(self) -> str | None:
