@@ -293,3 +293,61 @@ def test_a_401_after_a_lost_answer_keeps_the_key_and_409_then_means_delivered(
     assert _order(monitor).state == "delivered"
     assert len(sim.saved_tests()) == 1
     monitor.close()
+
+
+def test_tls_failure_is_one_outcome_with_a_clear_reason(sim: Simulator) -> None:
+    # The simulator speaks plain HTTP: an https:// URL makes the TLS handshake fail.
+    client = BemsoftClient(base_url=sim.url.replace("http://", "https://"), token=sim.token,
+                           timeout_s=3)
+    outcome = client.post_order({"batch": {}}, key="k")
+    assert outcome.kind == Kind.NO_ANSWER
+    assert "TLS" in outcome.message and "BEMSOFT_VERIFY" in outcome.message
+    assert sim.saved_tests() == []
+
+
+def test_redirect_from_a_real_server_is_not_followed_and_not_lost(
+        tmp_path: Path, clock: FakeClock) -> None:
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            self.send_response(301)
+            self.send_header("Location", "https://bemsoft.example/requests")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        lis = Lis(_url(tmp_path))
+        lis.patient()
+        lis.requisition(1)
+        lis.item(1, "FE", item_id=1)
+        import json
+        import time
+
+        from bemsoft_monitor.simulator import load_catalog_sample
+
+        # A good catalogue copy from yesterday: the redirect hits only the order.
+        (tmp_path / "catalogo.json").write_text(json.dumps(
+            {"format": 1, "fetched_at": time.time(), "tests": load_catalog_sample()}),
+            encoding="utf-8")
+        settings = make_settings(_url(tmp_path), tmp_path, None,
+                                 bemsoft_base_url=f"http://127.0.0.1:{server.server_port}",
+                                 bemsoft_dry_run=False)
+        monitor, _ = make_monitor(settings, clock)
+        monitor.cycle()
+        order = _order(monitor)
+        assert order.state == "pending"
+        assert order.last_status == 301
+        assert "BEMSOFT_BASE_URL" in (order.last_error or "")
+        monitor.close()
+    finally:
+        server.shutdown()
