@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from .config import Settings
 from .dbconn import lis_schema, lis_url, make_engine, state_url
 from .engine import Clock, Monitor
 from .errors import CatalogUnavailable
+from .logsetup import mask_payload
 from .models import CatalogEntry
 from .source import LisSource, install_sqlite_functions, lis_tables
 from .store import OrderRow, StateStore
@@ -124,16 +127,14 @@ def build_monitor(
         settings=parts.settings, lis_engine=parts.lis_engine, source=parts.source,
         store=parts.store, client=parts.client, catalog=parts.catalog,
         test_map=parts.test_map, material_map=parts.material_map, clock=clock,
-        show_payload=_print_payload if show_payload else None,
+        show_payload=_payload_printer(parts.settings.log_pii) if show_payload else None,
     )
 
 
-def _print_payload(order: OrderRow) -> None:
-    import json
+def _payload_printer(show_pii: bool) -> Callable[[OrderRow], None]:
+    def show(order: OrderRow) -> None:
+        payload = order.payload if show_pii else mask_payload(order.payload)
+        log.info("[DRY_RUN] solicitação %s, pedido %s (chave %s):\n%s", order.requisition_id,
+                 order.seq, order.key, json.dumps(payload, ensure_ascii=False, indent=2))
 
-    from .logsetup import mask_payload
-
-    settings_pii = logging.getLogger().level  # noqa: F841 - level decides nothing here
-    log.info("[DRY_RUN] solicitação %s, pedido %s (chave %s):\n%s", order.requisition_id,
-             order.seq, order.key,
-             json.dumps(mask_payload(order.payload), ensure_ascii=False, indent=2))
+    return show

@@ -74,8 +74,7 @@ def configure_logging(settings: Settings, *, verbose: bool = False) -> None:
         level="DEBUG" if verbose else settings.log_level, fmt=settings.log_format,
         log_file=settings.log_file, max_bytes=settings.log_max_bytes,
         backup_count=settings.log_backup_count,
-        secrets=tuple(s for s in (settings.token, settings.db_pass.get_secret_value()
-                                  if settings.db_pass else "") if s),
+        secrets=settings.secrets,
         show_pii=settings.log_pii,
     )
 

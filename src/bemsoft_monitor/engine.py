@@ -49,6 +49,7 @@ FLAG_AUTH_PAUSED = "AuthPaused"
 FLAG_LAST_POLL = "LastSuccessfulPoll"
 BREAKER_THRESHOLD = 3
 MAX_BATCHES_PER_CYCLE = 20
+POLL_FLAG_EVERY_S = 30.0
 
 
 class Clock(Protocol):
@@ -171,6 +172,10 @@ class Monitor:
         self._next_probe: dt.datetime | None = None
         self.last_successful_poll: dt.datetime | None = None
         self.started = False
+        self._checkpoint: int | None = None
+        self._maybe_gaps = True
+        self._poll_flag_at: dt.datetime | None = None
+        self._lease_renewed_at: dt.datetime | None = None
 
     # --- start / stop ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,6 +227,9 @@ class Monitor:
     def hold_lease(self) -> bool:
         """Take or renew the lease; on taking it, recover orders a dead holder left in flight."""
         now = self.clock.now()
+        if (self._lease_held and self._lease_renewed_at is not None
+                and (now - self._lease_renewed_at).total_seconds() < self.s.lease_seconds / 3):
+            return True
         info = self.store.lease_info()
         alive: bool | None = None
         if info and info["Holder"] != self.holder and info["Host"] == self.host:
@@ -229,7 +237,11 @@ class Monitor:
         held, current = self.store.try_lease(holder=self.holder, host=self.host, pid=self.pid,
                                              now=now, ttl_s=self.s.lease_seconds,
                                              holder_alive=alive)
+        if held:
+            self._lease_renewed_at = now
         if held and not self._lease_held:
+            self._checkpoint = None  # another holder may have moved it
+            self._maybe_gaps = True
             recovered = self.store.recover_inflight(now=now)
             if recovered:
                 log.warning("%d pedido(s) interrompido(s) por uma parada anterior voltam para a "
@@ -285,8 +297,12 @@ class Monitor:
     def _ingest(self, stats: CycleStats) -> None:
         for _ in range(MAX_BATCHES_PER_CYCLE):
             now = self.clock.now()
-            checkpoint = self.store.checkpoint() or 0
-            gaps = self.store.open_gaps(now=now, grace_s=self.s.out_of_order_grace_seconds)
+            if self._checkpoint is None:
+                self._checkpoint = self.store.checkpoint() or 0
+            checkpoint = self._checkpoint
+            # Idle polls cost one LIS query: the gap table is read only while gaps exist.
+            gaps = (self.store.open_gaps(now=now, grace_s=self.s.out_of_order_grace_seconds)
+                    if self._maybe_gaps else [])
             with self.lis.connect() as conn:  # read-only, closed before any HTTP call
                 items = self.source.fetch_new_items(
                     conn, after_id=checkpoint, limit=self.s.batch_size, gaps=gaps)
@@ -296,24 +312,33 @@ class Monitor:
                             if new_max is not None and self.s.out_of_order_grace_seconds > 0
                             else [])
                 conn.rollback()
-            result = self.store.record_items(items, checkpoint=new_max, new_gaps=new_gaps,
-                                             now=now, debounce_s=self.s.debounce_seconds)
-            stats.read += len(items)
-            stats.new += result.new_items
-            self.metrics.items_read.inc(result.new_items)
-            if result.new_items:
-                log.info("%d item(ns) novo(s) lido(s); checkpoint=%s", result.new_items,
-                         new_max if new_max is not None else checkpoint)
+            self._maybe_gaps = bool(gaps) or bool(new_gaps)
+            if items or new_gaps:
+                result = self.store.record_items(items, checkpoint=new_max, new_gaps=new_gaps,
+                                                 now=now, debounce_s=self.s.debounce_seconds)
+                if new_max is not None:
+                    self._checkpoint = max(checkpoint, new_max)
+                stats.read += len(items)
+                stats.new += result.new_items
+                self.metrics.items_read.inc(result.new_items)
+                if result.new_items:
+                    log.info("%d item(ns) novo(s) lido(s); checkpoint=%s", result.new_items,
+                             self._checkpoint)
             if len(above) < self.s.batch_size:
                 break
         self.last_successful_poll = self.clock.now()
         self.metrics.last_successful_poll.set(self.last_successful_poll.timestamp())
-        self.store.set_flag(FLAG_LAST_POLL, self.last_successful_poll.isoformat(),
-                            now=self.last_successful_poll)
+        flag_age = (None if self._poll_flag_at is None
+                    else (self.last_successful_poll - self._poll_flag_at).total_seconds())
+        if flag_age is None or flag_age >= POLL_FLAG_EVERY_S:
+            # For `status` in another process; written at most every POLL_FLAG_EVERY_S.
+            self.store.set_flag(FLAG_LAST_POLL, self.last_successful_poll.isoformat(),
+                                now=self.last_successful_poll)
+            self._poll_flag_at = self.last_successful_poll
 
     # --- catalogue ----------------------------------------------------------------------------------------
     def _refresh_catalog(self) -> None:
-        if self.catalog is None:
+        if self.catalog is None or self.s.bemsoft_dry_run:
             return
         before = self.catalog.loaded_at
         try:
@@ -365,7 +390,7 @@ class Monitor:
                                   first_seq=self.store.order_seq(req_id) + 1,
                                   now=self.clock.now()) if sendable else None
             if (result is not None and result.refusals and self.catalog is not None
-                    and not retried_catalog and self._refusals_need_catalog(result)):
+                    and not self.s.bemsoft_dry_run and not retried_catalog and self._refusals_need_catalog(result)):
                 # A code missing from a cached catalogue may exist in a fresh one.
                 retried_catalog = True
                 if self.catalog.refresh_on_miss():
