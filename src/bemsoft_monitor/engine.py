@@ -176,6 +176,7 @@ class Monitor:
         self._maybe_gaps = True
         self._poll_flag_at: dt.datetime | None = None
         self._lease_renewed_at: dt.datetime | None = None
+        self._unrecorded: list[tuple[OrderRow, Outcome]] = []
 
     # --- start / stop ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,16 +203,25 @@ class Monitor:
     def close(self, *, grace_s: float | None = None) -> None:
         """Finish in-flight sends within the grace period, release the rest and the lease."""
         grace = self.s.shutdown_grace_seconds if grace_s is None else grace_s
-        if self._inflight:
-            log.info("parando: aguardando %d envio(s) em andamento (até %.0f s)",
-                     len(self._inflight), grace)
-            done, _ = cf.wait(list(self._inflight), timeout=grace)
-            self._harvest(done)
-        if self._inflight:
-            # Still on the wire: release them with the same key; a 409 later means delivered.
-            released = self.store.recover_inflight(now=self.clock.now())
-            log.warning("parando: %d envio(s) sem resposta liberado(s) para reenvio com a "
-                        "mesma Idempotency-Key", released)
+        try:
+            if self._inflight:
+                log.info("parando: aguardando %d envio(s) em andamento (até %.0f s)",
+                         len(self._inflight), grace)
+                done, _ = cf.wait(list(self._inflight), timeout=grace)
+                self._harvest(done)
+            if self._inflight:
+                # Still on the wire: release them with the same key; a 409 later means
+                # delivered.
+                released = self.store.recover_inflight(now=self.clock.now())
+                log.warning("parando: %d envio(s) sem resposta liberado(s) para reenvio com a "
+                            "mesma Idempotency-Key", released)
+                self._inflight.clear()
+        except sa.exc.SQLAlchemyError as exc:
+            # The orders stay 'sending' in the store; the next start resends them with the
+            # same key, so nothing is lost or duplicated.
+            log.error("parando sem gravar %d resultado(s) (banco de estado indisponível: %s); "
+                      "serão conferidos na próxima partida", len(self._unrecorded)
+                      + len(self._inflight), _db_reason(exc))
             self._inflight.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -453,6 +463,7 @@ class Monitor:
     def _send(self, stats: CycleStats, *, drain: bool) -> None:
         if self.s.bemsoft_dry_run or self.client is None:
             return
+        self._record_pending()
         self._harvest([f for f in self._inflight if f.done()], stats)
         if self._auth_paused is not None and not self._probe_token():
             return
@@ -518,9 +529,18 @@ class Monitor:
                 outcome = future.result()
             except Exception as exc:  # noqa: BLE001 - a send must never crash the loop
                 outcome = Outcome(Kind.NO_ANSWER, None, f"erro inesperado no envio: {exc!r}")
-            self.record_outcome(order, outcome)
+            self._unrecorded.append((order, outcome))
             if stats is not None:
                 stats.outcomes[outcome.kind.value] = stats.outcomes.get(outcome.kind.value, 0) + 1
+
+        self._record_pending()
+
+    def _record_pending(self) -> None:
+        """Record answers received; kept in memory while the state store is unreachable."""
+        while self._unrecorded:
+            order, outcome = self._unrecorded[0]
+            self.record_outcome(order, outcome)  # a database error leaves it queued
+            self._unrecorded.pop(0)
 
     def record_outcome(self, order: OrderRow, outcome: Outcome) -> str:
         """Apply the response table of bemsoft-api.md to one order; return its new state."""
