@@ -94,3 +94,6 @@ def test_state_tables_create_on_sql_server_with_datetime2() -> None:
     order = next(d for d in ddl if "[_MonitorOrder]" in d and "CREATE TABLE" in d)
     assert "IDENTITY" in order
     assert len(ddl) >= 8
+    items = next(d for d in ddl if "[_MonitorItem]" in d and "CREATE TABLE" in d)
+    assert "[Reason] NVARCHAR(max)" in items
+    assert not any("NTEXT" in d or " TEXT" in d for d in ddl)  # deprecated, not sortable

@@ -45,6 +45,8 @@ ORDER_RESOLVED = "resolved"  # marked resolved by a person
 FINAL_ORDER_STATES = (ORDER_DELIVERED, ORDER_DEAD, ORDER_CONFERIR, ORDER_RESOLVED)
 
 _DateTime = sa.DateTime().with_variant(mssql.DATETIME2(), "mssql")
+# NVARCHAR(max) on SQL Server (TEXT/NTEXT are deprecated and cannot be compared or sorted).
+_LongText = sa.UnicodeText().with_variant(mssql.NVARCHAR(), "mssql")
 
 
 def utc_naive(value: dt.datetime) -> dt.datetime:
@@ -69,8 +71,8 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("RequisitionId", sa.BigInteger, nullable=False, index=True),
         sa.Column("State", sa.String(16), nullable=False, index=True),
         sa.Column("OrderId", sa.BigInteger, nullable=True, index=True),
-        sa.Column("Reason", sa.Text, nullable=True),
-        sa.Column("Snapshot", sa.Text, nullable=True),
+        sa.Column("Reason", _LongText, nullable=True),
+        sa.Column("Snapshot", _LongText, nullable=True),
         sa.Column("FirstSeenAt", _DateTime, nullable=False),
         sa.Column("UpdatedAt", _DateTime, nullable=False),
     )
@@ -88,7 +90,7 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
                   autoincrement=True),
         sa.Column("RequisitionId", sa.BigInteger, nullable=False, index=True),
         sa.Column("Seq", sa.Integer, nullable=False),
-        sa.Column("ItemIds", sa.Text, nullable=False),
+        sa.Column("ItemIds", _LongText, nullable=False),
         sa.Column("ItemSetHash", sa.String(64), nullable=False),
         sa.Column("Generation", sa.Integer, nullable=False, default=1),
         sa.Column("IdempotencyKey", sa.String(120), nullable=False),
@@ -104,9 +106,9 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("FirstAttemptAt", _DateTime, nullable=True),
         sa.Column("LastStatus", sa.Integer, nullable=True),
         sa.Column("LastOutcome", sa.String(32), nullable=True),
-        sa.Column("LastError", sa.Text, nullable=True),
-        sa.Column("Payload", sa.Text, nullable=False),
-        sa.Column("FailedFile", sa.Text, nullable=True),
+        sa.Column("LastError", _LongText, nullable=True),
+        sa.Column("Payload", _LongText, nullable=False),
+        sa.Column("FailedFile", _LongText, nullable=True),
         sa.Column("Holder", sa.String(200), nullable=True),
         sa.Column("CreatedAt", _DateTime, nullable=False),
         sa.Column("UpdatedAt", _DateTime, nullable=False),
@@ -123,7 +125,7 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("FinishedAt", _DateTime, nullable=True),
         sa.Column("Status", sa.Integer, nullable=True),
         sa.Column("Outcome", sa.String(32), nullable=True),
-        sa.Column("Detail", sa.Text, nullable=True),
+        sa.Column("Detail", _LongText, nullable=True),
         sa.Column("ElapsedMs", sa.Integer, nullable=True),
     )
     sa.Table(
@@ -144,7 +146,7 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
     sa.Table(
         "_MonitorFlag", md,
         sa.Column("Name", sa.String(64), primary_key=True),
-        sa.Column("Value", sa.Text, nullable=True),
+        sa.Column("Value", _LongText, nullable=True),
         sa.Column("UpdatedAt", _DateTime, nullable=False),
     )
     return md
