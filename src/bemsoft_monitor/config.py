@@ -31,7 +31,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from .errors import ConfigError
 from .redact import redact_secrets, redact_url
 
-SECRET_FIELDS = frozenset({"db_pass", "bemsoft_token", "painel_token", "smtp_password"})
+SECRET_FIELDS = frozenset({"db_pass", "bemsoft_token", "painel_token", "painel_password",
+                           "smtp_password", "alert_webhook_url"})
 URL_FIELDS = frozenset({"db_url", "state_db_url"})
 # Free-form ODBC attributes may carry a PWD=...; shown only after redaction.
 ODBC_FIELDS = frozenset({"db_odbc_extra"})
@@ -258,8 +259,43 @@ class Settings(BaseSettings):
     log_pii: bool = Field(False, description="1 ou 0 (sim/não)")
     http_addr: str | None = Field(None, description="host:porta, ex.: 127.0.0.1:8765")
 
+    # --- painel ---------------------------------------------------------------------
+    painel_token: SecretStr | None = Field(
+        None, description="texto secreto de no mínimo 12 caracteres"
+    )
+    painel_user: str | None = Field(None, description="nome de usuário do painel")
+    painel_password: SecretStr | None = Field(
+        None, description="senha de no mínimo 12 caracteres"
+    )
+    painel_pii: bool = Field(False, description="1 ou 0 (sim/não)")
+
+    # --- alerts ---------------------------------------------------------------------
+    alert_webhook_url: str | None = Field(None, description="URL http(s)://...")
+    alert_email_to: str | None = Field(None, description="e-mails separados por vírgula")
+    smtp_host: str | None = Field(None, description="servidor SMTP, ex.: smtp.empresa.com.br")
+    smtp_port: int = Field(587, ge=1, le=65535, description="porta, 1 a 65535")
+    smtp_user: str | None = Field(None, description="usuário SMTP (vazio = sem login)")
+    smtp_password: SecretStr | None = Field(None, description="senha SMTP")
+    smtp_from: str | None = Field(None, description="remetente, ex.: monitor@lab.com.br")
+    smtp_security: Literal["starttls", "ssl", "none"] = Field(
+        "starttls", description="starttls, ssl ou none"
+    )
+    alert_no_poll_minutes: float = Field(
+        10.0, gt=0, le=10080, description="minutos sem leitura do LIS antes do alerta"
+    )
+    alert_oldest_waiting_minutes: float = Field(
+        60.0, gt=0, le=43200, description="minutos de espera do pedido mais antigo"
+    )
+    alert_repeat_minutes: float = Field(
+        60.0, ge=1, le=10080, description="minutos entre alertas do mesmo tipo"
+    )
+    alert_check_seconds: float = Field(
+        30.0, ge=1, le=3600, description="segundos entre verificações"
+    )
+
     # --- field validators ---------------------------------------------------------
-    @field_validator("db_trust_server_certificate", "bemsoft_dry_run", "log_pii", mode="before")
+    @field_validator("db_trust_server_certificate", "bemsoft_dry_run", "log_pii", "painel_pii",
+                     mode="before")
     @classmethod
     def _bool(cls, value: Any) -> Any:
         parsed = parse_bool(value)
@@ -278,7 +314,7 @@ class Settings(BaseSettings):
         return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator(
-        "bemsoft_variant_policy", "test_code_source", "log_format", mode="before"
+        "bemsoft_variant_policy", "test_code_source", "log_format", "smtp_security", mode="before"
     )
     @classmethod
     def _lower(cls, value: Any) -> Any:
@@ -349,7 +385,8 @@ class Settings(BaseSettings):
         parse_odbc_attributes(value)
         return value.strip()
 
-    @field_validator("terceiros", "terceiro", "db_name", "db_user")
+    @field_validator("terceiros", "terceiro", "db_name", "db_user", "painel_user", "smtp_host",
+                     "smtp_user", "smtp_from", "alert_email_to")
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
         if value is None:
@@ -424,6 +461,41 @@ class Settings(BaseSettings):
             raise ValueError("use host:porta")
         return value.strip()
 
+    @field_validator("painel_token", "painel_password")
+    @classmethod
+    def _painel_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        if len(value.get_secret_value().strip()) < 12:
+            raise ValueError("curto demais: use no mínimo 12 caracteres")
+        return value
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("deve começar com http:// ou https://")
+        try:
+            host = urlsplit(value).hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise ValueError("falta o nome do servidor")
+        return value
+
+    @field_validator("alert_email_to")
+    @classmethod
+    def _emails(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for address in split_labs(value):
+            if "@" not in address.strip("@"):
+                raise ValueError(f"{address!r} não é um e-mail")
+        return value
+
     # --- whole-model validation -----------------------------------------------------
     @model_validator(mode="wrap")
     @classmethod
@@ -482,7 +554,15 @@ class Settings(BaseSettings):
     @property
     def secrets(self) -> tuple[str, ...]:
         """Secret values to strip from any text shown to people (see redact_secrets)."""
-        return tuple(s for s in (self.token, self.db_password) if s)
+        extra = tuple(v.get_secret_value() for v in (self.painel_token, self.painel_password,
+                                                     self.smtp_password) if v is not None)
+        return tuple(s for s in (self.token, self.db_password, *extra,
+                                 self.alert_webhook_url or "") if s)
+
+    @property
+    def alert_emails(self) -> tuple[str, ...]:
+        """ALERT_EMAIL_TO as a list of addresses."""
+        return split_labs(self.alert_email_to or "")
 
 
 def split_labs(raw: str) -> tuple[str, ...]:
@@ -637,6 +717,19 @@ def cross_field_problems(data: Mapping[str, Any]) -> list[str]:
             "BEMSOFT_TOKEN: ausente; obrigatório quando BEMSOFT_DRY_RUN=0 "
             "(use BEMSOFT_DRY_RUN=1 para testar sem enviar)"
         )
+    if text("painel_user") and not text("painel_password"):
+        problems.append("PAINEL_PASSWORD: ausente; obrigatória quando PAINEL_USER está "
+                        "preenchido (ou apague PAINEL_USER e use PAINEL_TOKEN)")
+    if text("painel_password") and not text("painel_user"):
+        problems.append("PAINEL_USER: ausente; PAINEL_PASSWORD foi informada sem o usuário")
+    if text("smtp_host") and not text("alert_email_to"):
+        problems.append("ALERT_EMAIL_TO: ausente; informe quem recebe os alertas por e-mail "
+                        "(ou apague SMTP_HOST)")
+    if text("alert_email_to") and not text("smtp_host"):
+        problems.append("SMTP_HOST: ausente; ALERT_EMAIL_TO foi informado, mas sem servidor "
+                        "SMTP o e-mail não pode ser enviado")
+    if text("smtp_user") and not text("smtp_password"):
+        problems.append("SMTP_PASSWORD: ausente; obrigatória quando SMTP_USER está preenchido")
     backoff, backoff_max = _raw_float(data, "bemsoft_backoff"), _raw_float(
         data, "bemsoft_backoff_max"
     )
