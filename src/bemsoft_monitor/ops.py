@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -449,10 +450,13 @@ def retry_files(
     retrier: FileRetrier,
     *,
     on_row: Callable[[RetryRow], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> RetrySummary:
-    """Process the files in order; ``on_row`` sees each result as it comes."""
+    """Process the files in order; ``on_row`` sees each result; ``stop`` ends between files."""
     rows: list[RetryRow] = []
     for path in paths:
+        if stop is not None and stop.is_set():
+            break
         row = retrier.process(path)
         rows.append(row)
         if on_row is not None:
@@ -481,6 +485,7 @@ class RefusedResult:
     failed: int = 0
     lease_held: bool = True
     sent: bool = False
+    still: list[ItemRow] = field(default_factory=list)  # refused again, with the new reason
 
 
 def item_states(store: StateStore, item_ids: Sequence[int]) -> dict[int, str]:
@@ -505,7 +510,10 @@ def retry_refused(monitor: Monitor, *, send: bool) -> RefusedResult:
     result.requeued = monitor.retry_refused()
     stats = monitor.cycle(drain=True)
     result.lease_held = stats.lease_held
-    states = item_states(monitor.store, [r.item_id for r in refused])
+    ids = {r.item_id for r in refused}
+    result.still = [r for r in monitor.store.items_by_state(ITEM_REFUSED, limit=1_000_000)
+                    if r.item_id in ids]
+    states = item_states(monitor.store, sorted(ids))
     for state in states.values():
         if state == ITEM_DELIVERED:
             result.delivered += 1
@@ -693,6 +701,11 @@ def missing_lis_columns(conn: sa.Connection, source: LisSource,
     return out
 
 
+def writable_dir_problem(folder: Path) -> str | None:
+    """Create ``folder`` owner-only if needed and check it accepts files; error text or None."""
+    return _writable_dir(folder, private=True)
+
+
 def _writable_dir(folder: Path, *, private: bool = False) -> str | None:
     """Create ``folder`` (0o700 when private) and write/delete a probe; error text or None."""
     try:
@@ -731,12 +744,58 @@ def _clock_check(label: str, other: dt.datetime, local: dt.datetime, *, can_fail
                  fix: str) -> Check:
     skew = (local - other).total_seconds()
     where = "adiantado" if skew > 0 else "atrasado"
-    detail = f"relógio local {where} {abs(skew):.0f} s em relação a {label}"
+    detail = f"relógio local {where} {abs(skew):.0f} s em relação {label}"
     if can_fail and abs(skew) > CLOCK_FAIL_S:
         return Check("fail", "relógio", detail, fix)
     if abs(skew) > CLOCK_WARN_S:
         return Check("warn", "relógio", detail, fix)
-    return Check("ok", "relógio", f"diferença de {abs(skew):.0f} s em relação a {label}")
+    return Check("ok", "relógio", f"diferença de {abs(skew):.0f} s em relação {label}")
+
+
+#: SQLAlchemy dialect (with its DB-API driver) per LIS/state backend the monitor supports.
+DIALECTS = {"mssql": "mssql.pyodbc", "sqlite": "sqlite.pysqlite",
+            "postgresql": "postgresql.psycopg"}
+
+
+def _load_dialect(name: str) -> str | None:
+    """Import a dialect and its driver module; the problem text or None."""
+    from sqlalchemy.dialects import registry
+
+    try:
+        registry.load(name).import_dbapi()
+    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from a native library
+        return _short(exc)
+    return None
+
+
+def bundled_components(url: sa.URL | None) -> Iterator[Check]:
+    """One line: which database drivers load and whether the simulator's catalogue is there.
+
+    A driver the configured database needs is a failure; the others are warnings (the
+    executable must carry all of them, a source install may lack the optional ones).
+    """
+    from .simulator import load_catalog_sample
+
+    backend = url.get_backend_name() if url is not None else None
+    loaded: list[str] = []
+    for backend_name, dialect in DIALECTS.items():
+        problem = _load_dialect(dialect)
+        if problem is None:
+            loaded.append(dialect)
+        elif backend_name == backend:
+            yield Check("fail", "componentes", f"driver {dialect} não carrega ({problem})",
+                        "reinstale o programa (pip install -e .) ou gere o executável de novo")
+        else:
+            yield Check("warn", "componentes", f"driver {dialect} não carrega ({problem})")
+    try:
+        tests = len(load_catalog_sample())
+    except Exception as exc:  # noqa: BLE001 - missing data file in a bad build
+        yield Check("fail", "componentes", f"catálogo de exemplo do simulador ausente ({exc})",
+                    "reinstale o programa ou gere o executável de novo")
+        tests = 0
+    if loaded:
+        extra = f"; catálogo de exemplo com {tests} exame(s)" if tests else ""
+        yield Check("ok", "componentes", f"drivers {', '.join(loaded)}{extra}")
 
 
 class Checker:
@@ -753,6 +812,7 @@ class Checker:
     def run(self) -> Iterator[Check]:
         """Every check in order; a failed prerequisite turns its dependants into skips."""
         yield from self._config()
+        yield from self._components()
         yield from self._maps()
         yield from self._driver()
         lis_ok = yield from self._lis()
@@ -768,6 +828,10 @@ class Checker:
         yield Check("ok", "configuração válida", f"{detail}; {mode}")
         for warning in config_warnings(self.s):
             yield Check("warn", "configuração", warning)
+
+    def _components(self) -> Iterator[Check]:
+        """Database drivers and data files this installation (or executable) carries."""
+        yield from bundled_components(self._lis_url())
 
     def _maps(self) -> Iterator[Check]:
         from .catalog import load_material_map, load_test_map
@@ -799,6 +863,8 @@ class Checker:
     def _driver(self) -> Iterator[Check]:
         url = self._lis_url()
         if url is None or url.get_backend_name() != "mssql":
+            if url is not None:
+                yield Check("skip", "driver ODBC", f"não usado (banco {url.get_backend_name()})")
             return
         label = "driver do SQL Server"
         if url.get_driver_name() == "mssqlpython":
@@ -910,7 +976,7 @@ class Checker:
         db_now = _as_utc(value)
         if db_now is None:
             return Check("skip", "relógio do banco", "formato de data não reconhecido")
-        check = _clock_check("o banco de dados", db_now, _utcnow(), can_fail=False,
+        check = _clock_check("ao banco de dados", db_now, _utcnow(), can_fail=False,
                              fix="acerte o relógio (NTP) deste computador ou do servidor do "
                                  "banco")
         return Check(check.status, "relógio do banco", check.detail, check.fix)
@@ -952,7 +1018,7 @@ class Checker:
         why = "--offline" if self.offline else "BEMSOFT_DRY_RUN=1" if self.s.bemsoft_dry_run \
             else None
         if why is not None:
-            for label in labels:
+            for label in (*labels, "TLS", "relógio"):
                 yield Check("skip", label, f"não verificado ({why})")
             return
         import requests
@@ -995,6 +1061,8 @@ class Checker:
         elif not _loopback(base):
             yield Check("warn", "TLS", "BEMSOFT_BASE_URL usa http: o token trafega sem "
                                        "criptografia", "use https://")
+        else:
+            yield Check("skip", "TLS", "não usado (http no próprio computador)")
         yield from self._http_clock(resp.headers.get("Date"))
         status = resp.status_code
         if status in (401, 403):
@@ -1040,7 +1108,7 @@ class Checker:
             return
         if remote.tzinfo is None:
             remote = remote.replace(tzinfo=dt.timezone.utc)
-        yield _clock_check("a Bemsoft", remote, _utcnow(), can_fail=True,
+        yield _clock_check("à Bemsoft", remote, _utcnow(), can_fail=True,
                            fix="acerte o relógio deste computador (sincronização NTP); datas "
                                "erradas mudam a data dos pedidos")
 
