@@ -280,11 +280,15 @@ def test_a_monitor_that_lost_its_lease_cannot_overwrite_the_successor(
     first, parts = make_monitor(settings, clock)
     first.cycle(drain=False)
     first.cycle(drain=False)
-    time.sleep(0.3)
-    # Pretend the first froze with its order in flight: fetch the row it claimed.
-    sending = parts.store.orders_by_state("delivered") or parts.store.orders_by_state("sending")
-    assert sending
-    order = sending[0]
+    # Wait (bounded) until the in-flight send has been answered and recorded.
+    deadline = time.monotonic() + 15
+    while not parts.store.orders_by_state("delivered") and time.monotonic() < deadline:
+        first.cycle(drain=False)
+        time.sleep(0.02)
+    delivered = parts.store.orders_by_state("delivered")
+    assert delivered
+    # Pretend a frozen monitor answers late for the row it had claimed.
+    order = delivered[0]
     from bemsoft_monitor.bemsoft import Kind, Outcome
 
     # The successor already recorded it; the stale answer is ignored.

@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=False,
     rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,  # locals may hold the token or patient data
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -70,13 +71,18 @@ def configure_logging(settings: Settings, *, verbose: bool = False) -> None:
     """Logging from the settings; ``--verbose`` means DEBUG (payloads shown, masked)."""
     from .logsetup import setup_logging
 
-    setup_logging(
-        level="DEBUG" if verbose else settings.log_level, fmt=settings.log_format,
-        log_file=settings.log_file, max_bytes=settings.log_max_bytes,
-        backup_count=settings.log_backup_count,
-        secrets=settings.secrets,
-        show_pii=settings.log_pii,
-    )
+    try:
+        setup_logging(
+            level="DEBUG" if verbose else settings.log_level, fmt=settings.log_format,
+            log_file=settings.log_file, max_bytes=settings.log_max_bytes,
+            backup_count=settings.log_backup_count,
+            secrets=settings.secrets,
+            show_pii=settings.log_pii,
+        )
+    except ConfigError as exc:
+        for line in exc.problems:
+            err_console.print(f"✗ {line}", highlight=False, markup=False)
+        raise typer.Exit(RET_CONFIG) from None
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -166,8 +172,12 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    try:
-        app(args=argv, prog_name="bemsoft-monitor", standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - signal handlers normally catch it
-        sys.exit(130)
+    """Console-script entry point (usage errors: one Portuguese line, exit 2)."""
+    from .cli_ops import run_app
+
+    run_app(argv)
+
+
+# Sub-commands defined in their own modules register themselves on ``app`` when imported.
+from . import cli_catalog  # noqa: E402, F401
+from . import cli_ops  # noqa: E402, F401

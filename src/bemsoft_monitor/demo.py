@@ -147,6 +147,48 @@ def write_demo_files(folder: Path) -> None:
     (folder / "materiais.csv").write_text("codigo;material\nCREA;Soro\n", encoding="utf-8")
 
 
+DEMO_SIMULATOR_PORT = 8799
+
+
+def write_demo_env(folder: Path, settings: Settings, *, port: int = DEMO_SIMULATOR_PORT) -> Path:
+    """A ``.env`` beside the demo database so every command can be tried on it afterwards.
+
+    It points at a simulator on ``port`` (``bemsoft-monitor simulator --port 8799``); the
+    environment still overrides any line, as always.
+    """
+    def path(value: Path | None) -> str:
+        return value.as_posix() if value is not None else ""
+
+    lines = [
+        "# Gerado por 'bemsoft-monitor demo': configuração da demonstração.",
+        "# Rode 'bemsoft-monitor simulator --port %d' em outro terminal para ter a Bemsoft local."
+        % port,
+        f"DB_URL={settings.db_url}",
+        f"TERCEIROS={settings.terceiros}",
+        f"POLL_SECONDS={settings.poll_seconds}",
+        f"DEBOUNCE_SECONDS={settings.debounce_seconds:g}",
+        f"OUT_OF_ORDER_GRACE_SECONDS={settings.out_of_order_grace_seconds:g}",
+        f"FAILED_DIR={path(settings.failed_dir)}",
+        f"REFUSED_REPORT={path(settings.refused_report)}",
+        f"BEMSOFT_BASE_URL=http://127.0.0.1:{port}",
+        f"BEMSOFT_TOKEN={settings.token}",
+        "BEMSOFT_DRY_RUN=0",
+        f"BEMSOFT_CATALOG_CACHE={path(settings.bemsoft_catalog_cache)}",
+        f"BEMSOFT_TEST_MAP_PATH={path(settings.bemsoft_test_map_path)}",
+        f"BEMSOFT_MATERIAL_MAP_PATH={path(settings.bemsoft_material_map_path)}",
+        f"BEMSOFT_BACKOFF={settings.bemsoft_backoff:g}",
+        f"BEMSOFT_BACKOFF_MAX={settings.bemsoft_backoff_max:g}",
+        f"DEFAULT_BIRTHDATE={settings.default_birthdate.isoformat() if settings.default_birthdate else ''}",
+        f"PHYSICIAN_NAME={settings.physician_name or ''}",
+        f"PHYSICIAN_COUNCIL={settings.physician_council or ''}",
+        f"PHYSICIAN_NUMBER={settings.physician_number or ''}",
+        f"PHYSICIAN_UF={settings.physician_uf or ''}",
+    ]
+    env = folder / ".env"
+    env.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return env
+
+
 def drive_until_quiet(monitor: Any, *, max_cycles: int = MAX_CYCLES) -> int:
     """Run cycles until nothing is due or in flight; return how many ran."""
     from .store import ORDER_PENDING
@@ -220,11 +262,20 @@ def run_demo(folder: Path, *, console: Console | None = None) -> int:
         console.print(
             "\nPróximos passos:\n"
             f"  • itens recusados e o motivo: {settings.refused_report}\n"
-            f"  • falhas de envio (se houver): {settings.failed_dir}\n"
-            f"  • para resolver a GLICOSE, adicione a linha 'GLI;Plasma' em "
-            f"{settings.bemsoft_material_map_path} e rode 'bemsoft-monitor retry --refused'\n"
-            "  • configure o seu .env a partir de .env.example e rode 'bemsoft-monitor check'")
+            f"  • falhas de envio (se houver): {settings.failed_dir}")
         engine.dispose()
         parts.store.dispose()
         parts.lis_engine.dispose()
+    env = write_demo_env(folder, settings)
+    console.print(
+        f"\nPara continuar com esta demonstração, entre na pasta ({folder}) — o arquivo {env.name}"
+        " já está pronto — e rode:\n"
+        f"  1. bemsoft-monitor simulator --port {DEMO_SIMULATOR_PORT}   (em outro terminal)\n"
+        "  2. bemsoft-monitor mapping check          (cada exame e como ele é resolvido)\n"
+        f"  3. adicione a linha 'GLI;Plasma' em {settings.bemsoft_material_map_path.name if settings.bemsoft_material_map_path else 'materiais.csv'}"
+        " (e, se quiser, \"XYZ9\": \"TSH\" em tests_map.json; DEFAULT_GENDER=M no .env)\n"
+        "  4. bemsoft-monitor retry --refused --send (reenvia os recusados que agora resolvem)\n"
+        "  5. bemsoft-monitor status\n"
+        "Depois, configure o seu .env a partir de .env.example e rode 'bemsoft-monitor check'.",
+        highlight=False)
     return 0
