@@ -14,8 +14,10 @@ import datetime as dt
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +172,17 @@ class TextFormatter(logging.Formatter):
         return f"{stamp} {level:<6} {record.getMessage()}"
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file created readable by the owner only (0600), rotations included."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def prepare_log_file(path: Path) -> str | None:
-    """Create LOG_FILE's folder and check the file can be appended to; a Portuguese error or None."""
+    """Create LOG_FILE's folder (a missing folder is created, like FAILED_DIR) and check the
+    file can be appended to; a Portuguese error or None."""
     path = Path(path)
     folder = path.parent
     try:
@@ -182,8 +193,7 @@ def prepare_log_file(path: Path) -> str | None:
     if path.is_dir():
         return f"LOG_FILE: {path} é uma pasta; informe um arquivo, ex.: {path / 'monitor.log'}"
     try:
-        with path.open("a", encoding="utf-8"):
-            pass
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
     except OSError as exc:
         return (f"LOG_FILE: sem permissão para gravar em {path} ({exc.strerror or exc}); "
                 "ajuste as permissões ou aponte LOG_FILE para outra pasta")
@@ -221,7 +231,7 @@ def setup_logging(
     console.addFilter(safety)
     root.addHandler(console)
     if log_file is not None:
-        handler = logging.handlers.RotatingFileHandler(
+        handler = PrivateRotatingFileHandler(
             log_file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
         handler.setFormatter(formatter)
         handler.addFilter(safety)
@@ -229,3 +239,25 @@ def setup_logging(
     root.setLevel(level)
     for noisy in ("urllib3", "requests", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _route_uncaught_exceptions()
+
+
+def _route_uncaught_exceptions() -> None:
+    """Uncaught exceptions (main and threads) go through the log, so the SafetyFilter removes
+    the token and masks patient data from their tracebacks too."""
+    crash = logging.getLogger("bemsoft_monitor")
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        crash.critical("erro inesperado; o programa será encerrado", exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        crash.critical("erro inesperado na thread %s", getattr(args.thread, "name", "?"),
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook

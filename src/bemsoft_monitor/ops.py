@@ -763,7 +763,7 @@ def _load_dialect(name: str) -> str | None:
 
     try:
         registry.load(name).import_dbapi()
-    except Exception as exc:  # noqa: BLE001 - ImportError, or OSError from a native library
+    except Exception as exc:  # ImportError, or OSError from a native library
         return _short(exc)
     return None
 
@@ -789,7 +789,7 @@ def bundled_components(url: sa.URL | None) -> Iterator[Check]:
             yield Check("warn", "componentes", f"driver {dialect} não carrega ({problem})")
     try:
         tests = len(load_catalog_sample())
-    except Exception as exc:  # noqa: BLE001 - missing data file in a bad build
+    except Exception as exc:  # a missing data file in a bad build
         yield Check("fail", "componentes", f"catálogo de exemplo do simulador ausente ({exc})",
                     "reinstale o programa ou gere o executável de novo")
         tests = 0
