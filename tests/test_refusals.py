@@ -1,0 +1,72 @@
+"""Per-item refusals: never block the requisition, reported, sent once the cause is fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bemsoft_monitor.simulator import Simulator, load_catalog_sample
+
+from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
+
+
+def _saved_codes(sim: Simulator) -> list[str]:
+    return sorted(t["support_test_id"] for t in sim.saved_tests())
+
+
+def test_refused_item_does_not_block_the_rest_and_is_reported(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    refused = lis.item(1, "NOVO")
+    lis.item(1, "TSH")
+    monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    drive(monitor, clock)
+    assert _saved_codes(sim) == ["FE", "TSH"]
+    rows = parts.store.items_by_state("refused")
+    assert [r.item_id for r in rows] == [refused]
+    assert "NOVO" in (rows[0].reason or "") and "BEMSOFT_TEST_MAP_PATH" in (rows[0].reason or "")
+    report = (tmp_path / "recusados.csv").read_text(encoding="utf-8-sig")
+    assert str(refused) in report and "NOVO" in report
+    assert parts.store.counts()["items"]["refused"] == 1
+    monitor.close()
+
+
+def test_a_catalogue_refresh_that_resolves_a_refused_item_sends_it_once(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    novo = lis.item(1, "NOVO")
+    # A TTL of one millisecond: every cycle refreshes the catalogue from the simulator.
+    settings = make_settings(db_url, tmp_path, sim, bemsoft_tests_ttl=0.001)
+    monitor, parts = make_monitor(settings, clock)
+    drive(monitor, clock)
+    assert _saved_codes(sim) == ["FE"]
+    assert [r.item_id for r in parts.store.items_by_state("refused")] == [novo]
+
+    sim.set_catalog([*load_catalog_sample(),
+                     {"id": "NOVO", "name": "EXAME NOVO", "specimen": {"id": "SORO",
+                                                                       "name": "Soro"}}])
+    drive(monitor, clock)
+    drive(monitor, clock)
+    assert _saved_codes(sim) == ["FE", "NOVO"]
+    assert parts.store.items_by_state("refused") == []
+    orders = parts.store.orders_of_requisition(1)
+    assert [o.state for o in orders] == ["delivered", "delivered"]
+    assert orders[1].item_ids == (novo,)  # the late order holds only the resolved item
+    monitor.close()
+
+
+def test_a_catalogue_refresh_that_resolves_nothing_keeps_refusals(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "NOVO")
+    settings = make_settings(db_url, tmp_path, sim, bemsoft_tests_ttl=0.001)
+    monitor, parts = make_monitor(settings, clock)
+    for _ in range(3):
+        drive(monitor, clock)
+    assert sim.saved_tests() == []
+    assert len(parts.store.items_by_state("refused")) == 1
+    monitor.close()
