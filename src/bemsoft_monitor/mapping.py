@@ -61,7 +61,7 @@ CSV_COLUMNS = (
     "correção",
 )
 # Excel treats a cell starting with these as a formula; LIS descriptions are free text.
-_FORMULA_START = ("=", "+", "@", "\t", "\r")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
