@@ -70,3 +70,17 @@ def test_a_catalogue_refresh_that_resolves_nothing_keeps_refusals(
     assert sim.saved_tests() == []
     assert len(parts.store.items_by_state("refused")) == 1
     monitor.close()
+
+
+def test_refused_report_cells_cannot_start_an_excel_formula(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "=HYPERLINK(1)", DescExames="=cmd|' /C calc'!A0")
+    monitor, _parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    drive(monitor, clock)
+    report = (tmp_path / "recusados.csv").read_text(encoding="utf-8-sig")
+    cells = [c for line in report.splitlines()[1:] for c in line.split(";")]
+    assert cells
+    assert not any(c.lstrip('"').startswith(("=", "+", "-", "@")) for c in cells), report
+    monitor.close()

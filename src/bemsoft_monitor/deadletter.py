@@ -87,6 +87,16 @@ def list_failed(folder: Path) -> list[Path]:
 REFUSED_COLUMNS = ("data", "solicitacao", "item", "codigo", "codigo_exame", "descricao", "motivo")
 
 
+# Excel treats a cell starting with these as a formula; LIS descriptions are free text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def excel_safe(value: object) -> str:
+    """A CSV cell Excel shows as text: a leading formula character gets a ``'`` before it."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 def append_refused_report(path: Path, rows: list[dict[str, str]]) -> None:
     """Append refused items to the CSV report (``;`` and UTF-8 with BOM, as Excel expects)."""
     import csv
@@ -100,4 +110,4 @@ def append_refused_report(path: Path, rows: list[dict[str, str]]) -> None:
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in REFUSED_COLUMNS})
+            writer.writerow({k: excel_safe(row.get(k, "")) for k in REFUSED_COLUMNS})

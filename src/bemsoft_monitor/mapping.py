@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .deadletter import excel_safe
 from .catalog import Resolution, Resolver, normalize_code, normalize_material
 from .models import CatalogEntry, LisItem
 
@@ -60,8 +61,6 @@ CSV_COLUMNS = (
     "detalhe",
     "correção",
 )
-# Excel treats a cell starting with these as a formula; LIS descriptions are free text.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -356,17 +355,12 @@ def _when(value: dt.datetime | None) -> str:
     return value.strftime("%d/%m/%Y %H:%M") if value else ""
 
 
-def _cell(value: object) -> str:
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_FORMULA_START) else text
-
-
 def csv_row(report: CodeReport) -> list[str]:
     """One report line in :data:`CSV_COLUMNS` order."""
     u = report.usage
     origin = "" if report.support_id is None else (
         "mapa de exames" if report.from_map else "o próprio código local")
-    return [_cell(v) for v in (
+    return [excel_safe(v) for v in (
         u.code or "(sem código)",
         u.description or u.exam_description or "",
         u.items,
