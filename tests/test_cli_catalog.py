@@ -214,3 +214,48 @@ def test_sync_of_a_large_catalogue_with_variants(tmp_path: Path) -> None:
         assert show.returncode == 1
         single = cli(tmp_path, "catalog", "show", "T0004", base_url=big.url)
         assert single.returncode == 0, single.stdout
+
+
+def test_demo_done_when_mapping_check_then_fix_then_retry_refused(tmp_path: Path,
+                                                                   sim: Simulator) -> None:
+    """The issue's acceptance path, entirely through the CLI on the demo's own folder."""
+    made = cli(tmp_path, "demo", "--dir", "demo_run", base_url=sim.url, timeout=180)
+    assert made.returncode == 0, made.stdout + made.stderr
+    folder = tmp_path / "demo_run"
+    assert (folder / ".env").is_file()
+
+    check = cli(folder, "mapping", "check", base_url=sim.url)
+    print(check.stdout)
+    assert check.returncode == 1
+    for code in DEMO_CODES | {"B12"}:
+        assert code in check.stdout, code
+
+    dry = cli(folder, "retry", "--refused", base_url=sim.url)
+    print(dry.stdout, dry.stderr)
+    assert dry.returncode == 0
+    assert "nada foi enviado" in dry.stdout.replace("\n", " ")
+    assert sim.saved_tests() == []
+
+    # The fixes mapping check proposed: a material for GLI, a code for XYZ9, a default gender.
+    with (folder / "materiais.csv").open("a", encoding="utf-8") as fh:
+        fh.write("GLI;Plasma\n")
+    (folder / "tests_map.json").write_text(
+        json.dumps({"HEMOGRAMA": "HMG", "12345": "TSH", "XYZ9": "TSH"}), encoding="utf-8")
+    with (folder / ".env").open("a", encoding="utf-8") as fh:
+        fh.write("DEFAULT_GENDER=M\n")
+
+    sent = cli(folder, "retry", "--refused", "--send", base_url=sim.url)
+    print(sent.stdout, sent.stderr)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    saved = sorted(t["support_test_id"] for t in sim.saved_tests())
+    assert saved == ["GLI", "PSA", "TSH"]  # XYZ9 goes as TSH through the map
+    again = cli(folder, "retry", "--refused", "--send", base_url=sim.url)
+    assert again.returncode == 0
+    assert len(sim.saved_tests()) == 3  # nothing is sent twice
+
+    status = cli(folder, "status", "--json", base_url=sim.url)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    print(data)
+    assert data["refused_items"] == 1  # only the item without any exam code is left
+
