@@ -106,9 +106,13 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="Mostra os payloads (dados do paciente "
                                                "mascarados, salvo LOG_PII=1).")] = False,
+    http: Annotated[str | None, typer.Option(
+        "--http", metavar="HOST:PORTA",
+        help="Liga o painel, /healthz, /readyz e /metrics neste endereço (padrão: HTTP_ADDR), "
+             "ex.: 127.0.0.1:8765.")] = None,
 ) -> None:
     """Roda o monitor: lê o LIS, espera a solicitação assentar e envia à Bemsoft."""
-    settings = settings_or_exit()
+    settings = settings_or_exit(**({"http_addr": http} if http else {}))
     configure_logging(settings, verbose=verbose)
     from .app import build_monitor, build_parts
 
@@ -119,6 +123,7 @@ def run(
             err_console.print(f"✗ {line}", highlight=False, markup=False)
         raise typer.Exit(RET_CONFIG) from None
     monitor = build_monitor(parts)
+    services = _start_services(settings, monitor)
     log.info("Bemsoft Monitor %s iniciado (%s; terceiros: %s)", __version__,
              "DRY_RUN, nada será enviado" if settings.bemsoft_dry_run else "envio real",
              ", ".join(settings.support_labs))
@@ -127,15 +132,47 @@ def run(
             stats = monitor.cycle(drain=True)
         finally:
             monitor.close()
+            _stop_services(services)
         log.info("ciclo concluído: %d lido(s), %d novo(s), %d pedido(s) criado(s), %d "
                  "enviado(s), %d recusado(s)", stats.read, stats.new, stats.orders_created,
                  stats.sent, stats.refused)
         raise typer.Exit(RET_OK)
     stop = threading.Event()
     install_stop_handlers(stop)
-    monitor.run(stop)
+    try:
+        monitor.run(stop)
+    finally:
+        _stop_services(services)
     log.info("monitor parado")
     raise typer.Exit(RET_OK)
+
+
+def _start_services(settings: Settings, monitor: Any) -> list[Any]:
+    """The HTTP endpoint (HTTP_ADDR / --http) and the alerter, when configured."""
+    services: list[Any] = []
+    if settings.http_addr:
+        from .web import AddressInUse, Painel, start_http
+
+        try:
+            services.append(start_http(Painel(settings, monitor), settings.http_addr))
+        except AddressInUse as exc:
+            err_console.print(f"✗ HTTP_ADDR/--http: {exc}", highlight=False, markup=False)
+            raise typer.Exit(RET_CONFIG) from None
+    from .alerts import build_alerter
+
+    alerter = build_alerter(settings, monitor)
+    if alerter is not None:
+        alerter.start()
+        services.append(alerter)
+    return services
+
+
+def _stop_services(services: list[Any]) -> None:
+    for service in reversed(services):
+        try:
+            service.stop()
+        except Exception:  # noqa: BLE001 - stopping must not hide the monitor's own exit
+            log.exception("erro ao parar %s", type(service).__name__)
 
 
 @app.command()

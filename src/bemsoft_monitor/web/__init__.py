@@ -1,0 +1,8 @@
+"""Painel web, health and metrics endpoints of a running monitor."""
+
+from __future__ import annotations
+
+from .server import AddressInUse, PainelServer, is_loopback, parse_addr, start_http
+from .views import Painel
+
+__all__ = ["AddressInUse", "Painel", "PainelServer", "is_loopback", "parse_addr", "start_http"]

@@ -1,0 +1,538 @@
+"""The HTTP endpoint: /healthz, /readyz, /metrics and the painel, on a stdlib threading server.
+
+Security: the painel needs ``PAINEL_TOKEN`` (or ``PAINEL_USER``/``PAINEL_PASSWORD``);
+without them only the health and metrics endpoints answer. A login gives an HttpOnly,
+SameSite=Strict session cookie; every POST carries the session's CSRF token; secrets are
+compared in constant time and never rendered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import sqlalchemy as sa
+from jinja2 import Environment, PackageLoader, select_autoescape
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import __version__
+from .views import Painel, item_exists
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "bm_sessao"
+LOGIN_COOKIE = "bm_login"
+SESSION_TTL_S = 8 * 3600
+MAX_FORM_BYTES = 64 * 1024
+LOGIN_FAILURES_MAX = 10
+LOGIN_FAILURE_WINDOW_S = 300.0
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+class AddressInUse(Exception):
+    """The HTTP address cannot be bound (port taken, address not on this machine)."""
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:port`` for IPv6) → (host, port)."""
+    host, _, port = addr.strip().rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and 'localhost' are loopback; anything else is exposed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Session:
+    """One logged-in browser."""
+
+    user: str
+    csrf: str
+    expires: float
+    flash: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Auth:
+    """Credentials, sessions and login throttling (in memory: a restart logs everyone out)."""
+
+    def __init__(self, *, token: str | None, user: str | None, password: str | None) -> None:
+        self.token = token
+        self.user = user
+        self.password = password
+        self.sessions: dict[str, Session] = {}
+        self.failures: dict[str, list[float]] = {}
+        self.lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token or (self.user and self.password))
+
+    def check(self, form: dict[str, str]) -> str | None:
+        """The user name when the form's credentials are right, else None."""
+        ok = False
+        who = ""
+        given_token = form.get("token", "")
+        if self.token and given_token:
+            ok = hmac.compare_digest(given_token.encode(), self.token.encode())
+            who = "token"
+        elif self.user and self.password:
+            u, p = form.get("usuario", ""), form.get("senha", "")
+            # Both compared every time so that timing tells nothing about which one failed.
+            ok_u = hmac.compare_digest(u.encode(), self.user.encode())
+            ok_p = hmac.compare_digest(p.encode(), self.password.encode())
+            ok, who = ok_u and ok_p, self.user
+        return who if ok else None
+
+    def throttled(self, client: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            recent = [t for t in self.failures.get(client, []) if now - t < LOGIN_FAILURE_WINDOW_S]
+            self.failures[client] = recent
+            return len(recent) >= LOGIN_FAILURES_MAX
+
+    def failed(self, client: str) -> None:
+        with self.lock:
+            self.failures.setdefault(client, []).append(time.monotonic())
+
+    def open(self, user: str) -> tuple[str, Session]:
+        sid = secrets.token_urlsafe(32)
+        session = Session(user=user, csrf=secrets.token_urlsafe(32),
+                          expires=time.monotonic() + SESSION_TTL_S)
+        with self.lock:
+            now = time.monotonic()
+            for key in [k for k, s in self.sessions.items() if s.expires < now]:
+                del self.sessions[key]
+            self.sessions[sid] = session
+        return sid, session
+
+    def get(self, sid: str | None) -> Session | None:
+        if not sid:
+            return None
+        with self.lock:
+            session = self.sessions.get(sid)
+            if session is None or session.expires < time.monotonic():
+                self.sessions.pop(sid, None)
+                return None
+            return session
+
+    def close(self, sid: str | None) -> None:
+        if sid:
+            with self.lock:
+                self.sessions.pop(sid, None)
+
+
+def _templates() -> Environment:
+    env = Environment(loader=PackageLoader("bemsoft_monitor.web", "templates"),
+                      autoescape=select_autoescape(["html"]), trim_blocks=True,
+                      lstrip_blocks=True)
+    env.globals["versao"] = __version__
+    return env
+
+
+class PainelServer:
+    """The HTTP server in a daemon thread."""
+
+    def __init__(self, painel: Painel, *, host: str, port: int) -> None:
+        s = painel.settings
+        self.painel = painel
+        self.auth = Auth(
+            token=s.painel_token.get_secret_value() if s.painel_token else None,
+            user=s.painel_user,
+            password=s.painel_password.get_secret_value() if s.painel_password else None)
+        self.templates = _templates()
+        self.css = resources.files("bemsoft_monitor.web").joinpath(
+            "static/painel.css").read_bytes()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_cls = type("_Server", (_Server,), {"address_family": family})
+        try:
+            self.httpd = server_cls((host, port), _Handler)
+        except OSError as exc:
+            raise AddressInUse(_bind_problem(host, port, exc)) from None
+        self.httpd.painel_server = self
+        self.host = host
+        self.port = int(self.httpd.server_address[1])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> PainelServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, name="painel",
+                                        daemon=True)
+        self._thread.start()
+        log.info("painel e métricas em %s (/healthz, /readyz, /metrics)", self.url)
+        if not self.auth.enabled:
+            log.warning("painel DESLIGADO: defina PAINEL_TOKEN (ou PAINEL_USER e "
+                        "PAINEL_PASSWORD) no .env; só /healthz, /readyz e /metrics respondem")
+        if not is_loopback(self.host):
+            log.warning("painel exposto na rede em %s sem TLS: as senhas e os dados trafegam "
+                        "sem criptografia; prefira 127.0.0.1 ou coloque um proxy reverso com "
+                        "HTTPS na frente", self.url)
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> PainelServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (f"a porta {port} em {host} já está em uso (outro programa ou outro monitor); "
+                "escolha outra porta em --http ou HTTP_ADDR, ex.: 127.0.0.1:8766")
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+        return (f"o endereço {host} não pertence a este computador; use 127.0.0.1 (só este "
+                "computador) ou o IP de uma placa de rede local")
+    if exc.errno == errno.EACCES:
+        return (f"sem permissão para abrir a porta {port}; use uma porta acima de 1024, "
+                "ex.: 8765")
+    return f"não foi possível abrir {host}:{port}: {exc.strerror or exc}"
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Linux refuses a second listener even with SO_REUSEADDR (it only skips TIME_WAIT);
+    # Windows would let a second monitor steal the port, so it is off there.
+    allow_reuse_address = os.name != "nt"
+    painel_server: PainelServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "bemsoft-monitor"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    timeout = 30
+
+    # --- plumbing ----------------------------------------------------------------------
+    @property
+    def app(self) -> PainelServer:
+        return self.server.painel_server
+
+    @property
+    def painel(self) -> Painel:
+        return self.app.painel
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in _SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, data: Any) -> None:
+        self._send(status, json.dumps(data, ensure_ascii=False).encode(),
+                   "application/json; charset=utf-8")
+
+    def _page(self, status: int, template: str, session: Session | None = None,
+              headers: dict[str, str] | None = None, **ctx: Any) -> None:
+        flash: list[tuple[str, str]] = []
+        if session is not None:
+            flash, session.flash = session.flash, []
+        html = self.app.templates.get_template(template).render(
+            sessao=session, flash=flash, pii=self.painel.show_pii,
+            agora=self.painel.local(self.painel.now()), **ctx)
+        self._send(status, html.encode("utf-8"), "text/html; charset=utf-8", headers)
+
+    def _error(self, status: int, title: str, message: str,
+               session: Session | None = None) -> None:
+        self._page(status, "erro.html", session, titulo=title, mensagem=message,
+                   codigo=status)
+
+    def _redirect(self, location: str, headers: dict[str, str] | None = None) -> None:
+        h = {"Location": location}
+        h.update(headers or {})
+        self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", h)
+
+    def _cookies(self) -> dict[str, str]:
+        jar = SimpleCookie()
+        try:
+            jar.load(self.headers.get("Cookie", ""))
+        except Exception:  # noqa: BLE001 - a malformed cookie header is just no cookie
+            return {}
+        return {k: v.value for k, v in jar.items()}
+
+    def _session(self) -> Session | None:
+        return self.app.auth.get(self._cookies().get(SESSION_COOKIE))
+
+    def _form(self) -> dict[str, str] | None:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return None
+        if length < 0 or length > MAX_FORM_BYTES:
+            return None
+        raw = self.rfile.read(length).decode("utf-8", "replace")
+        return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+
+    @staticmethod
+    def _cookie(name: str, value: str, max_age: int | None = None) -> str:
+        parts = [f"{name}={value}", "Path=/", "HttpOnly", "SameSite=Strict"]
+        if max_age is not None:
+            parts.append(f"Max-Age={max_age}")
+        return "; ".join(parts)
+
+    # --- dispatch ------------------------------------------------------------------------
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        try:
+            self._get()
+        except Exception:
+            log.exception("painel: erro ao responder %s", urlsplit(self.path).path)
+            self._error(500, "Erro interno", "O painel encontrou um erro; veja o log do monitor.")
+
+    def do_POST(self) -> None:
+        try:
+            self._post()
+        except Exception:
+            log.exception("painel: erro ao responder %s", urlsplit(self.path).path)
+            self._error(500, "Erro interno", "O painel encontrou um erro; veja o log do monitor.")
+
+    def _get(self) -> None:
+        url = urlsplit(self.path)
+        path = url.path
+        if path == "/healthz":
+            self._json(200, {"status": "ok", "versao": __version__})
+            return
+        if path == "/readyz":
+            checks = self.painel.readiness()
+            ok = all(c["ok"] for c in checks)
+            self._json(200 if ok else 503, {"status": "pronto" if ok else "não pronto",
+                                            "verificacoes": checks})
+            return
+        if path == "/metrics":
+            self._metrics()
+            return
+        if path == "/static/painel.css":
+            self._send(200, self.app.css, "text/css; charset=utf-8",
+                       {"Cache-Control": "max-age=3600"})
+            return
+        if not self.app.auth.enabled:
+            self._disabled()
+            return
+        if path == "/login":
+            self._login_page(200)
+            return
+        session = self._session()
+        if session is None:
+            target = path + (f"?{url.query}" if url.query else "")
+            self._redirect("/login?proximo=" + quote(target, safe=""))
+            return
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if path == "/":
+            self._page(200, "visao_geral.html", session, **self.painel.overview())
+        elif path == "/busca":
+            numero = query.get("numero", "").strip()
+            if not _DIGITS.match(numero):
+                self._error(400, "Número inválido",
+                            f"“{numero}” não é um número de solicitação (CodSolicitacao); "
+                            "use só algarismos, ex.: 12345.", session)
+                return
+            self._redirect(f"/requisicao/{int(numero)}")
+        elif path.startswith("/requisicao/"):
+            self._requisition(path.removeprefix("/requisicao/"), session)
+        elif path == "/pendencias":
+            self._page(200, "pendencias.html", session, **self.painel.pending_work())
+        elif path == "/catalogo":
+            self._page(200, "catalogo.html", session, **self.painel.catalog_problems())
+        else:
+            self._error(404, "Página não encontrada",
+                        f"O endereço {path} não existe no painel.", session)
+
+    def _disabled(self) -> None:
+        self._error(503, "Painel desligado",
+                    "Defina PAINEL_TOKEN (ou PAINEL_USER e PAINEL_PASSWORD) no .env e "
+                    "reinicie o monitor. /healthz, /readyz e /metrics continuam respondendo.")
+
+    def _metrics(self) -> None:
+        monitor = self.painel.monitor
+        try:
+            monitor.refresh_gauges()
+        except sa.exc.SQLAlchemyError:
+            log.warning("métricas: banco de estado indisponível; medidores da fila não "
+                        "atualizados")
+        self._send(200, generate_latest(monitor.metrics.registry), CONTENT_TYPE_LATEST)
+
+    def _requisition(self, raw: str, session: Session) -> None:
+        if not _DIGITS.match(raw):
+            self._error(400, "Número inválido",
+                        f"“{raw}” não é um número de solicitação; use só algarismos.", session)
+            return
+        data = self.painel.requisition(int(raw))
+        if data is None:
+            self._error(404, "Solicitação não encontrada",
+                        f"A solicitação {int(raw)} não passou pelo monitor (nenhum item dela "
+                        "foi lido para um laboratório de apoio).", session)
+            return
+        self._page(200, "requisicao.html", session, r=data)
+
+    def _login_page(self, status: int, erro: str | None = None,
+                    proximo: str | None = None) -> None:
+        nonce = secrets.token_urlsafe(24)
+        if proximo is None:
+            proximo = parse_qs(urlsplit(self.path).query).get("proximo", ["/"])[0]
+        auth = self.app.auth
+        self._page(status, "login.html", None,
+                   {"Set-Cookie": self._cookie(LOGIN_COOKIE, nonce, 600)},
+                   csrf_login=nonce, erro=erro, proximo=_local_path(proximo),
+                   usa_token=bool(auth.token), usa_usuario=bool(auth.user and auth.password))
+
+    # --- POST --------------------------------------------------------------------------------
+    def _post(self) -> None:
+        path = urlsplit(self.path).path
+        if not self.app.auth.enabled:
+            self._disabled()
+            return
+        form = self._form()
+        if form is None:
+            self._error(413, "Formulário grande demais", "O formulário enviado é inválido.")
+            return
+        if path == "/login":
+            self._login(form)
+            return
+        session = self._session()
+        if session is None:
+            self._error(401, "Sessão expirada", "Entre de novo no painel para continuar.")
+            return
+        if not hmac.compare_digest(form.get("csrf", "").encode(), session.csrf.encode()):
+            self._error(403, "Formulário recusado",
+                        "Falta o código de segurança do formulário (CSRF) ou ele não confere. "
+                        "Recarregue a página e tente de novo.", session)
+            return
+        if path == "/logout":
+            self.app.auth.close(self._cookies().get(SESSION_COOKIE))
+            self._redirect("/login", {"Set-Cookie": self._cookie(SESSION_COOKIE, "", 0)})
+            return
+        m = re.fullmatch(r"/(pedido|item)/([^/]+)/(reenviar|resolver)", path)
+        if m is None:
+            self._error(404, "Ação desconhecida", f"O endereço {path} não existe.", session)
+            return
+        kind, raw, action = m.groups()
+        if not _DIGITS.match(raw):
+            self._error(400, "Número inválido", f"“{raw}” não é um número.", session)
+            return
+        target_id = int(raw)
+        who = session.user
+        if kind == "pedido" and self.painel.store.get_order(target_id) is None:
+            self._error(404, "Pedido não encontrado", f"O pedido {target_id} não existe.",
+                        session)
+            return
+        if kind == "item" and not item_exists(self.painel.store, target_id):
+            self._error(404, "Item não encontrado", f"O item {target_id} não existe.", session)
+            return
+        if kind == "pedido" and action == "reenviar":
+            ok, message = self.painel.requeue(target_id, who=who)
+        elif kind == "pedido":
+            ok, message = self.painel.resolve(target_id, who=who)
+        elif action == "reenviar":
+            ok, message = self.painel.requeue_refused(target_id, who=who)
+        else:
+            self._error(404, "Ação desconhecida", "Itens recusados só podem ser reenviados.",
+                        session)
+            return
+        session.flash.append(("ok" if ok else "aviso", message))
+        self._redirect(_local_path(form.get("voltar", "/pendencias")))
+
+    def _login(self, form: dict[str, str]) -> None:
+        auth = self.app.auth
+        client = self.client_address[0]
+        proximo = form.get("proximo", "/")
+        nonce = self._cookies().get(LOGIN_COOKIE, "")
+        if not nonce or not hmac.compare_digest(form.get("csrf", "").encode(), nonce.encode()):
+            self._error(403, "Formulário recusado",
+                        "O formulário de entrada expirou ou veio de outro site. Abra /login e "
+                        "tente de novo.")
+            return
+        if auth.throttled(client):
+            self._login_page(429, "Tentativas demais; aguarde 5 minutos.", proximo)
+            return
+        user = auth.check(form)
+        if user is None:
+            auth.failed(client)
+            log.warning("painel: tentativa de entrada recusada de %s", client)
+            what = "Token" if auth.token and form.get("token") else "Usuário ou senha"
+            self._login_page(401, f"{what} inválido.", proximo)
+            return
+        sid, _session = auth.open(user)
+        log.info("painel: entrada de %s a partir de %s", user, client)
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", _local_path(proximo))
+        self.send_header("Set-Cookie", self._cookie(SESSION_COOKIE, sid))
+        self.send_header("Set-Cookie", self._cookie(LOGIN_COOKIE, "", 0))
+        self.send_header("Content-Length", "0")
+        for k, v in _SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+
+def _local_path(value: str) -> str:
+    """Only same-site paths are followed after a login or an action (no open redirect)."""
+    if not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
+
+
+def start_http(painel: Painel, addr: str) -> PainelServer:
+    """Bind ``addr`` (``host:port``) and serve; raises :class:`AddressInUse` when it cannot."""
+    host, port = parse_addr(addr)
+    return PainelServer(painel, host=host, port=port).start()
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
