@@ -115,6 +115,14 @@ def run(
     settings = settings_or_exit(**({"http_addr": http} if http else {}))
     configure_logging(settings, verbose=verbose)
     from .app import build_monitor, build_parts
+    from .ops import writable_dir_problem
+
+    problem = writable_dir_problem(Path(settings.failed_dir))
+    if problem:
+        err_console.print(f"✗ FAILED_DIR: não foi possível usar a pasta {settings.failed_dir} "
+                          f"({problem}); ajuste as permissões ou aponte FAILED_DIR para outra "
+                          "pasta", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(RET_CONFIG)
 
     try:
         parts = build_parts(settings)
