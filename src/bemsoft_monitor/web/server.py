@@ -278,15 +278,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data, ensure_ascii=False).encode(),
                    "application/json; charset=utf-8")
 
-    def _page(self, status: int, template: str, session: Session | None = None,
-              headers: dict[str, str] | None = None, **ctx: Any) -> None:
+    def _page(self, code: int, template: str, session: Session | None = None,
+              headers: dict[str, str] | None = None, /, **ctx: Any) -> None:
         flash: list[tuple[str, str]] = []
         if session is not None:
             flash, session.flash = session.flash, []
         html = self.app.templates.get_template(template).render(
             sessao=session, flash=flash, pii=self.painel.show_pii,
             agora=self.painel.local(self.painel.now()), **ctx)
-        self._send(status, html.encode("utf-8"), "text/html; charset=utf-8", headers)
+        self._send(code, html.encode("utf-8"), "text/html; charset=utf-8", headers)
 
     def _error(self, status: int, title: str, message: str,
                session: Session | None = None) -> None:

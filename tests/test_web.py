@@ -1,0 +1,426 @@
+"""The painel over real HTTP on loopback: health, metrics, login, CSRF, actions, bad input."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from bemsoft_monitor.engine import Monitor
+from bemsoft_monitor.simulator import Simulator
+from bemsoft_monitor.web import AddressInUse, Painel, PainelServer, is_loopback, parse_addr
+
+from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
+from .test_cli_run import cli, env_for, write_env
+
+PAINEL_TOKEN = "painel-segredo-123456"
+BEMSOFT_TOKEN = "bemsoft-token-secreto-987"
+PATIENT = "MARIA DA SILVA"
+
+
+@dataclass
+class Env:
+    server: PainelServer
+    monitor: Monitor
+    clock: FakeClock
+    sim: Simulator
+    lis: Lis
+    tmp: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def drive(self) -> None:
+        drive(self.monitor, self.clock)
+
+
+def start_env(tmp_path: Path, sim: Simulator, **settings: Any) -> Iterator[Env]:
+    """LIS with requisition 1 (dead letter: 422) and 2 (delivered); painel on a free port."""
+    url = f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
+    lis = Lis(url)
+    lis.patient()  # MARIA DA SILVA, CPF 123.456.789-09
+    lis.requisition(1)
+    lis.item(1, "FE")
+    lis.requisition(2)
+    lis.item(2, "FE")
+    sim.set_token(BEMSOFT_TOKEN)
+    sim.set_faults([{"kind": "status", "status": 422}])
+    values: dict[str, Any] = {"painel_token": PAINEL_TOKEN}
+    values.update(settings)
+    s = make_settings(url, tmp_path, sim, **values)
+    clock = FakeClock()
+    monitor, _parts = make_monitor(s, clock)
+    drive(monitor, clock)
+    server = PainelServer(Painel(s, monitor), host="127.0.0.1", port=0).start()
+    try:
+        yield Env(server, monitor, clock, sim, lis, tmp_path)
+    finally:
+        server.stop()
+        monitor.close()
+        lis.dispose()
+
+
+@pytest.fixture
+def env(tmp_path: Path, sim: Simulator) -> Iterator[Env]:
+    yield from start_env(tmp_path, sim)
+
+
+def csrf_of(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, "formulário sem csrf"
+    return m.group(1)
+
+
+def login(base: str, **form: str) -> requests.Session:
+    h = requests.Session()
+    page = h.get(base + "/login")
+    assert page.status_code == 200
+    data = {"csrf": csrf_of(page.text), "proximo": "/"}
+    data.update(form or {"token": PAINEL_TOKEN})
+    r = h.post(base + "/login", data=data, allow_redirects=False)
+    assert r.status_code == 303, r.text
+    return h
+
+
+def dead_order_id(e: Env) -> int:
+    [order] = e.monitor.store.orders_by_state("dead")
+    return order.order_id
+
+
+def saved_for(sim: Simulator, req: int) -> int:
+    return sum(1 for t in sim.saved_tests()
+               if t["order_external_id"] in (f"order-{req}", f"o{req}"))
+
+
+# --- health, readiness, metrics ------------------------------------------------------------
+
+
+def test_health_readiness_and_metrics_answer_without_login(env: Env) -> None:
+    assert requests.get(env.url + "/healthz").json()["status"] == "ok"
+    ready = requests.get(env.url + "/readyz")
+    assert ready.status_code == 200
+    assert {c["nome"] for c in ready.json()["verificacoes"]} == {"banco_de_estado", "bemsoft",
+                                                                 "trava"}
+    metrics = requests.get(env.url + "/metrics")
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert "bemsoft_items_read_total 2.0" in text
+    assert "bemsoft_dead_letters_total 1.0" in text
+    assert 'bemsoft_queue_depth{state="dead"} 1.0' in text
+    assert 'bemsoft_queue_depth{state="delivered"} 1.0' in text
+    assert 'bemsoft_orders_total{outcome="rejected"} 1.0' in text
+    assert "bemsoft_send_latency_seconds_count 2.0" in text
+    assert "bemsoft_oldest_waiting_age_seconds 0.0" in text
+    assert "bemsoft_last_successful_poll_timestamp_seconds" in text
+    assert "bemsoft_catalog_age_seconds" in text
+
+
+def test_readyz_is_503_while_the_token_is_rejected(env: Env) -> None:
+    env.sim.set_token("outro-token")
+    env.lis.requisition(3)
+    env.lis.item(3, "FE")
+    env.monitor.cycle(drain=True)
+    assert env.monitor.auth_paused
+    r = requests.get(env.url + "/readyz")
+    assert r.status_code == 503
+    bemsoft = next(c for c in r.json()["verificacoes"] if c["nome"] == "bemsoft")
+    assert not bemsoft["ok"] and "token" in bemsoft["detalhe"]
+    assert BEMSOFT_TOKEN not in r.text
+
+
+def test_readyz_is_503_without_the_lease(env: Env) -> None:
+    env.monitor.close()  # releases the lease
+    r = requests.get(env.url + "/readyz")
+    assert r.status_code == 503
+    assert not next(c for c in r.json()["verificacoes"] if c["nome"] == "trava")["ok"]
+
+
+# --- authentication and CSRF -------------------------------------------------------------------
+
+
+def test_pages_need_a_login_and_a_wrong_token_is_401(env: Env) -> None:
+    r = requests.get(env.url + "/pendencias", allow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"].startswith("/login")
+    h = requests.Session()
+    page = h.get(env.url + "/login")
+    r = h.post(env.url + "/login", data={"csrf": csrf_of(page.text), "token": "errado-errado-1"},
+               allow_redirects=False)
+    assert r.status_code == 401
+    assert "Token inválido" in r.text
+    assert "bm_sessao" not in h.cookies
+    assert h.get(env.url + "/pendencias", allow_redirects=False).status_code == 303
+
+
+def test_login_sets_a_strict_httponly_session_cookie(env: Env) -> None:
+    h = requests.Session()
+    page = h.get(env.url + "/login")
+    r = h.post(env.url + "/login", data={"csrf": csrf_of(page.text), "token": PAINEL_TOKEN,
+                                         "proximo": "/pendencias"}, allow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"] == "/pendencias"
+    cookie = r.headers["Set-Cookie"]
+    assert "bm_sessao=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert h.get(env.url + "/pendencias").status_code == 200
+
+
+def test_login_form_without_its_csrf_is_403(env: Env) -> None:
+    r = requests.post(env.url + "/login", data={"token": PAINEL_TOKEN}, allow_redirects=False)
+    assert r.status_code == 403
+
+
+def test_actions_without_or_with_a_wrong_csrf_are_403_and_change_nothing(env: Env) -> None:
+    order_id = dead_order_id(env)
+    h = login(env.url)
+    r = h.post(f"{env.url}/pedido/{order_id}/reenviar", data={}, allow_redirects=False)
+    assert r.status_code == 403
+    assert "CSRF" in r.text
+    r = h.post(f"{env.url}/pedido/{order_id}/reenviar", data={"csrf": "x" * 43},
+               allow_redirects=False)
+    assert r.status_code == 403
+    anonymous = requests.post(f"{env.url}/pedido/{order_id}/reenviar", data={"csrf": "x"},
+                              allow_redirects=False)
+    assert anonymous.status_code == 401
+    assert env.monitor.store.get_order(order_id).state == "dead"  # type: ignore[union-attr]
+
+
+def test_user_and_password_login(tmp_path: Path, sim: Simulator) -> None:
+    for e in start_env(tmp_path, sim, painel_token=None, painel_user="ana",
+                       painel_password="senha-forte-do-painel"):
+        h = requests.Session()
+        page = h.get(e.url + "/login")
+        assert 'name="usuario"' in page.text and 'name="token"' not in page.text
+        bad = h.post(e.url + "/login", data={"csrf": csrf_of(page.text), "usuario": "ana",
+                                             "senha": "errada-errada"}, allow_redirects=False)
+        assert bad.status_code == 401 and "Usuário ou senha inválido" in bad.text
+        h = login(e.url, usuario="ana", senha="senha-forte-do-painel")
+        assert "Sair (ana)" in h.get(e.url + "/").text
+
+
+def test_repeated_wrong_logins_are_throttled(env: Env) -> None:
+    h = requests.Session()
+    codes = []
+    for _ in range(11):
+        page = h.get(env.url + "/login")
+        codes.append(h.post(env.url + "/login", data={"csrf": csrf_of(page.text),
+                                                      "token": "errado-errado-1"}).status_code)
+    assert codes[:10] == [401] * 10 and codes[10] == 429
+
+
+def test_without_painel_token_only_health_and_metrics_answer(tmp_path: Path,
+                                                             sim: Simulator) -> None:
+    for e in start_env(tmp_path, sim, painel_token=None):
+        assert requests.get(e.url + "/healthz").status_code == 200
+        assert requests.get(e.url + "/metrics").status_code == 200
+        for path in ("/", "/login", "/pendencias"):
+            r = requests.get(e.url + path, allow_redirects=False)
+            assert r.status_code == 503 and "PAINEL_TOKEN" in r.text
+        r = requests.post(e.url + "/login", data={"token": "qualquer-coisa-1"})
+        assert r.status_code == 503
+
+
+# --- pages and bad input ------------------------------------------------------------------------
+
+
+def test_overview_shows_queue_and_the_24h_chart(env: Env) -> None:
+    h = login(env.url)
+    html = h.get(env.url + "/").text
+    assert "Visão geral" in html
+    assert 'id="total-mortos">1<' in html
+    assert "entregues: 1" in html and "falhas: 1" in html
+    assert html.count('<rect class="enviado"') == 1 and html.count('<rect class="falha"') == 1
+    assert "cdn" not in html.lower() and "https://" not in html
+
+
+def test_unknown_requisition_is_404_and_non_numeric_is_400(env: Env) -> None:
+    h = login(env.url)
+    r = h.get(env.url + "/requisicao/424242")
+    assert r.status_code == 404 and "Solicitação não encontrada" in r.text
+    assert h.get(env.url + "/requisicao/12abc").status_code == 400
+    assert h.get(env.url + "/busca?numero=abc").status_code == 400
+    r = h.get(env.url + "/busca?numero=1", allow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"] == "/requisicao/1"
+    assert h.post(env.url + "/pedido/abc/reenviar",
+                  data={"csrf": csrf_of(h.get(env.url + "/").text)}).status_code == 400
+    assert h.post(env.url + "/pedido/999/reenviar",
+                  data={"csrf": csrf_of(h.get(env.url + "/").text)}).status_code == 404
+
+
+def test_requisition_detail_shows_items_payload_and_attempts(env: Env) -> None:
+    h = login(env.url)
+    html = h.get(env.url + "/requisicao/1").text
+    assert "HTTP 422" in html  # the attempt's answer
+    assert "POST /requests" in html and "&#34;tests&#34;" in html  # escaped payload JSON
+    assert "não enviado (FAILED_DIR)" in html
+    assert "Reenviar" in html and "Marcar como resolvido" in html
+
+
+def test_patient_data_is_masked_unless_painel_pii(tmp_path: Path, sim: Simulator) -> None:
+    for e in start_env(tmp_path, sim):
+        html = login(e.url).get(e.url + "/requisicao/1").text
+        assert PATIENT not in html and "M**** D* S****" in html
+        assert "123.456.789-09" not in html and "12345678909" not in html
+
+
+def test_painel_pii_shows_patient_data(tmp_path: Path, sim: Simulator) -> None:
+    for e in start_env(tmp_path, sim, painel_pii=True):
+        html = login(e.url).get(e.url + "/requisicao/1").text
+        assert PATIENT in html
+
+
+def test_no_secret_is_ever_rendered(env: Env) -> None:
+    h = login(env.url)
+    bodies = [h.get(env.url + p).text for p in
+              ("/", "/pendencias", "/catalogo", "/requisicao/1", "/requisicao/2", "/metrics",
+               "/readyz", "/healthz", "/nada")]
+    for body in bodies:
+        assert BEMSOFT_TOKEN not in body and PAINEL_TOKEN not in body
+
+
+# --- actions ------------------------------------------------------------------------------------
+
+
+def test_reenviar_requeues_the_dead_letter_and_the_loop_delivers_it_once(env: Env) -> None:
+    order_id = dead_order_id(env)
+    [failed_file] = list((env.tmp / "failed").glob("*.json"))
+    assert saved_for(env.sim, 1) == 0
+    h = login(env.url)
+    page = h.get(env.url + "/pendencias").text
+    assert f'id="morto-{order_id}"' in page
+    r = h.post(f"{env.url}/pedido/{order_id}/reenviar",
+               data={"csrf": csrf_of(page), "voltar": "/pendencias"}, allow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"] == "/pendencias"
+    assert "voltou para a fila" in h.get(env.url + "/pendencias").text
+    assert env.monitor.store.get_order(order_id).state == "pending"  # type: ignore[union-attr]
+    # The dead-letter file leaves FAILED_DIR's top level, so `retry` never sends it again.
+    assert not failed_file.exists()
+    assert (env.tmp / "failed" / "reenviados_painel" / failed_file.name).is_file()
+    env.drive()
+    assert env.monitor.store.get_order(order_id).state == "delivered"  # type: ignore[union-attr]
+    assert saved_for(env.sim, 1) == 1
+    # A second click (stale page) changes nothing and sends nothing.
+    r = h.post(f"{env.url}/pedido/{order_id}/reenviar", data={"csrf": csrf_of(page)})
+    assert r.status_code == 200 and "nada a reenviar" in r.text
+    env.drive()
+    assert saved_for(env.sim, 1) == 1
+
+
+def test_marcar_como_resolvido_closes_the_order_without_sending(env: Env) -> None:
+    order_id = dead_order_id(env)
+    calls = len(env.sim.calls())
+    h = login(env.url)
+    page = h.get(env.url + "/requisicao/1").text
+    r = h.post(f"{env.url}/pedido/{order_id}/resolver",
+               data={"csrf": csrf_of(page), "voltar": "/requisicao/1"})
+    assert r.status_code == 200 and "marcado como resolvido" in r.text
+    order = env.monitor.store.get_order(order_id)
+    assert order is not None and order.state == "resolved"
+    assert "resolvido no painel por token" in (order.last_error or "")
+    env.drive()
+    assert len(env.sim.calls()) == calls
+    assert "Nenhum pedido em FAILED_DIR" in h.get(env.url + "/pendencias").text
+
+
+def test_refused_item_can_be_sent_again_after_the_cause_is_fixed(env: Env) -> None:
+    env.lis.requisition(5)
+    item_id = env.lis.item(5, "ZZZ")
+    env.drive()
+    h = login(env.url)
+    page = h.get(env.url + "/pendencias").text
+    assert "ZZZ" in page
+    assert "ZZZ" in h.get(env.url + "/catalogo").text
+    r = h.post(f"{env.url}/item/{item_id}/reenviar", data={"csrf": csrf_of(page)})
+    assert r.status_code == 200 and "voltou para a fila" in r.text
+    state = {row.item_id: row.state for row in env.monitor.store.requisition_items(5)}
+    assert state[item_id] == "pending"
+
+
+def test_actions_never_redirect_off_site(env: Env) -> None:
+    order_id = dead_order_id(env)
+    h = login(env.url)
+    r = h.post(f"{env.url}/pedido/{order_id}/resolver",
+               data={"csrf": csrf_of(h.get(env.url + "/").text), "voltar": "//evil.example/"},
+               allow_redirects=False)
+    assert r.status_code == 303 and r.headers["Location"] == "/"
+
+
+# --- binding -----------------------------------------------------------------------------------
+
+
+def test_loopback_detection_and_address_parsing() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.0.10")
+    assert parse_addr("127.0.0.1:8765") == ("127.0.0.1", 8765)
+    assert parse_addr("[::1]:9000") == ("::1", 9000)
+
+
+def test_a_port_in_use_is_a_clear_error(env: Env) -> None:
+    with pytest.raises(AddressInUse, match="já está em uso"):
+        PainelServer(env.server.painel, host="127.0.0.1", port=env.server.port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_cli_run_with_a_busy_port_exits_with_a_portuguese_error(tmp_path: Path) -> None:
+    Lis(f"sqlite:///{(tmp_path / 'lis.db').as_posix()}").dispose()
+    write_env(tmp_path, None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(cli("run", "--http", f"127.0.0.1:{port}"), cwd=tmp_path,
+                              env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"a porta {port} em 127.0.0.1 já está em uso" in proc.stderr
+
+
+def test_cli_run_serves_health_and_painel_and_stops_cleanly(tmp_path: Path,
+                                                            sim: Simulator) -> None:
+    lis = Lis(f"sqlite:///{(tmp_path / 'lis.db').as_posix()}")
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    lis.dispose()
+    port = _free_port()
+    write_env(tmp_path, sim, PAINEL_TOKEN=PAINEL_TOKEN)
+    proc = subprocess.Popen(cli("run", "--http", f"127.0.0.1:{port}"), cwd=tmp_path,
+                            env=env_for(tmp_path), stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(base + "/metrics", timeout=1).text.count(
+                        'bemsoft_queue_depth{state="delivered"} 1.0'):
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("painel não respondeu com o pedido entregue")
+        assert requests.get(base + "/readyz", timeout=5).status_code == 200
+        assert "Solicitação 1" in login(base).get(base + "/requisicao/1").text
+    finally:
+        proc.send_signal(signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"painel e métricas em http://127.0.0.1:{port}" in err
+    assert PAINEL_TOKEN not in err and sim.token not in err
+    assert len(sim.saved_tests()) == 1
+    if sys.platform != "win32":
+        with pytest.raises(requests.ConnectionError):
+            requests.get(base + "/healthz", timeout=1)
