@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 import sqlalchemy as sa
@@ -280,9 +281,15 @@ class WebhookChannel:
         self.timeout_s = timeout_s
 
     def send(self, alert: Alert) -> None:
-        resp = requests.post(self.url, json=alert.as_json(), timeout=self.timeout_s)
+        # The URL may carry a secret (chat hooks do): errors name only the host.
+        host = urlsplit(self.url).hostname
+        try:
+            resp = requests.post(self.url, json=alert.as_json(), timeout=self.timeout_s,
+                                 allow_redirects=False)
+        except requests.RequestException as exc:
+            raise RuntimeError(f"{type(exc).__name__} ao chamar {host}") from None
         if resp.status_code >= 300:
-            raise RuntimeError(f"HTTP {resp.status_code}")
+            raise RuntimeError(f"{host} respondeu HTTP {resp.status_code}")
 
 
 class EmailChannel:

@@ -1,0 +1,333 @@
+"""Alerts: the pure rules with plain data, then real delivery to a loopback webhook and SMTP sink."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bemsoft_monitor.alerts import (
+    KIND_DEAD_LETTER,
+    KIND_NO_POLL,
+    KIND_OLDEST_WAITING,
+    KIND_TOKEN,
+    Alert,
+    Alerter,
+    AlertState,
+    EmailChannel,
+    Rules,
+    Snapshot,
+    WebhookChannel,
+    build_alerter,
+    evaluate,
+    monitor_snapshot,
+)
+from bemsoft_monitor.simulator import Simulator
+
+from .conftest import T0, FakeClock, Lis, drive, make_monitor, make_settings
+
+RULES = Rules(no_poll_s=600, oldest_waiting_s=1800, repeat_s=3600)
+MIN = dt.timedelta(minutes=1)
+
+
+def snap(**kw: Any) -> Snapshot:
+    values: dict[str, Any] = {"auth_paused": None, "last_poll": T0, "dead": {},
+                              "oldest_waiting": None}
+    values.update(kw)
+    return Snapshot(**values)
+
+
+def run(state: AlertState, s: Snapshot, at: dt.datetime) -> list[tuple[str, bool]]:
+    return [(a.kind, a.recovered) for a in evaluate(state, s, now=at, rules=RULES)]
+
+
+# --- pure rules ---------------------------------------------------------------------------------
+
+
+def test_token_rejected_alerts_once_repeats_after_the_window_and_recovers() -> None:
+    st = AlertState(started_at=T0)
+    paused = snap(auth_paused="HTTP 401: token recusado")
+    assert run(st, paused, T0) == [(KIND_TOKEN, False)]
+    assert run(st, snap(auth_paused="HTTP 401", last_poll=T0 + 30 * MIN), T0 + 30 * MIN) == []
+    again = evaluate(st, snap(auth_paused="x", last_poll=T0 + 61 * MIN), now=T0 + 61 * MIN,
+                     rules=RULES)
+    assert [(a.kind, a.recovered) for a in again] == [(KIND_TOKEN, False)]
+    assert "(continua)" in again[0].title
+    [rec] = evaluate(st, snap(last_poll=T0 + 62 * MIN), now=T0 + 62 * MIN, rules=RULES)
+    assert rec.recovered and rec.kind == KIND_TOKEN and "Resolvido" in rec.title
+    assert run(st, snap(last_poll=T0 + 63 * MIN), T0 + 63 * MIN) == []
+
+
+def test_a_flapping_condition_is_rate_limited_per_kind() -> None:
+    st = AlertState(started_at=T0)
+    assert run(st, snap(auth_paused="x"), T0) == [(KIND_TOKEN, False)]
+    assert run(st, snap(), T0 + MIN) == [(KIND_TOKEN, True)]
+    # Back inside the window: no new alert, and so no recovery either.
+    assert run(st, snap(auth_paused="x", last_poll=T0 + 2 * MIN), T0 + 2 * MIN) == []
+    assert run(st, snap(last_poll=T0 + 3 * MIN), T0 + 3 * MIN) == []
+    # Still on when the window has passed: announced then.
+    assert run(st, snap(auth_paused="x", last_poll=T0 + 4 * MIN), T0 + 4 * MIN) == []
+    assert run(st, snap(auth_paused="x", last_poll=T0 + 60 * MIN), T0 + 60 * MIN) == [
+        (KIND_TOKEN, False)]
+
+
+def test_no_successful_poll_counts_from_start_and_recovers_on_the_next_poll() -> None:
+    st = AlertState(started_at=T0)
+    assert run(st, snap(last_poll=None), T0 + 9 * MIN) == []
+    [alert] = evaluate(st, snap(last_poll=None), now=T0 + 10 * MIN, rules=RULES)
+    assert alert.kind == KIND_NO_POLL and "10 min" in alert.title
+    assert run(st, snap(last_poll=T0 + 11 * MIN), T0 + 11 * MIN) == [(KIND_NO_POLL, True)]
+
+
+def test_oldest_waiting_order_alerts_past_the_threshold() -> None:
+    st = AlertState(started_at=T0)
+    old = T0 - 29 * MIN
+    assert run(st, snap(oldest_waiting=old), T0) == []
+    assert run(st, snap(oldest_waiting=old), T0 + MIN) == [(KIND_OLDEST_WAITING, False)]
+    assert run(st, snap(oldest_waiting=T0, last_poll=T0 + 2 * MIN), T0 + 2 * MIN) == [
+        (KIND_OLDEST_WAITING, True)]
+
+
+def test_dead_letters_are_grouped_rate_limited_and_recover_when_none_is_left() -> None:
+    st = AlertState(started_at=T0)
+    [first] = evaluate(st, snap(dead={(1, 1): 501}), now=T0, rules=RULES)
+    assert first.kind == KIND_DEAD_LETTER and "501" in first.message
+    # Two more inside the window: held back, then sent together.
+    two_more = {(1, 1): 501, (2, 1): 502, (3, 4): 503}
+    assert run(st, snap(dead=two_more, last_poll=T0 + 5 * MIN), T0 + 5 * MIN) == []
+    [grouped] = evaluate(st, snap(dead=two_more, last_poll=T0 + 60 * MIN), now=T0 + 60 * MIN,
+                         rules=RULES)
+    assert "2 pedido(s)" in grouped.title and "502, 503" in grouped.message
+    assert "total aguardando ação: 3" in grouped.message
+    # Order 1 requeued and dead again (one more attempt): a new dead letter.
+    again = {(1, 2): 501, (2, 1): 502, (3, 4): 503}
+    assert run(st, snap(dead=again, last_poll=T0 + 121 * MIN), T0 + 121 * MIN) == [
+        (KIND_DEAD_LETTER, False)]
+    assert run(st, snap(dead={}, last_poll=T0 + 122 * MIN), T0 + 122 * MIN) == [
+        (KIND_DEAD_LETTER, True)]
+
+
+def test_an_unreadable_store_neither_alerts_nor_recovers_its_conditions() -> None:
+    st = AlertState(started_at=T0)
+    assert run(st, snap(dead={(1, 1): 7}), T0) == [(KIND_DEAD_LETTER, False)]
+    blind = snap(dead=None, oldest_waiting=None, store_ok=False, last_poll=T0 + MIN)
+    assert run(st, blind, T0 + MIN) == []
+    assert st.kinds[KIND_DEAD_LETTER].active
+
+
+# --- real channels ------------------------------------------------------------------------------
+
+
+class Hook:
+    """A loopback webhook receiver (a real HTTP server)."""
+
+    def __init__(self, status: int = 200) -> None:
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerta?chave=s3gr3d0"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    h = Hook()
+    yield h
+    h.close()
+
+
+class SmtpSink:
+    """A minimal SMTP server on loopback that keeps each message and the AUTH PLAIN login."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.logins: list[str] = []
+        sink = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def reply(self, line: str) -> None:
+                self.wfile.write(line.encode() + b"\r\n")
+
+            def handle(self) -> None:
+                self.reply("220 sink ESMTP")
+                while True:
+                    line = self.rfile.readline()
+                    if not line:
+                        return
+                    cmd = line.decode().strip()
+                    verb = cmd.split(" ", 1)[0].upper()
+                    if verb == "EHLO":
+                        self.reply("250-sink")
+                        self.reply("250 AUTH PLAIN")
+                    elif verb == "AUTH":
+                        raw = base64.b64decode(cmd.split()[2]).split(b"\0")
+                        sink.logins.append(f"{raw[1].decode()}:{raw[2].decode()}")
+                        self.reply("235 ok")
+                    elif verb == "DATA":
+                        self.reply("354 go")
+                        data = b""
+                        while not data.endswith(b"\r\n.\r\n"):
+                            chunk = self.rfile.readline()
+                            if not chunk:
+                                return
+                            data += chunk
+                        sink.messages.append(message_from_bytes(data[:-5]))
+                        self.reply("250 queued")
+                    elif verb == "QUIT":
+                        self.reply("221 bye")
+                        return
+                    else:  # MAIL, RCPT, RSET, NOOP
+                        self.reply("250 ok")
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpSink]:
+    s = SmtpSink()
+    yield s
+    s.close()
+
+
+def an_alert() -> Alert:
+    return Alert(KIND_TOKEN, False, "[Bemsoft Monitor] ALERTA: token recusado pela Bemsoft",
+                 "O envio está PAUSADO.", T0)
+
+
+def test_webhook_receives_the_alert_as_json(hook: Hook) -> None:
+    WebhookChannel(hook.url).send(an_alert())
+    [body] = hook.received
+    assert body["tipo"] == "token" and body["situacao"] == "alerta"
+    assert body["titulo"].startswith("[Bemsoft Monitor] ALERTA")
+    assert "PAUSADO" in body["text"]
+
+
+def test_email_is_sent_through_smtp_with_login(smtp: SmtpSink) -> None:
+    EmailChannel(host="127.0.0.1", port=smtp.port, recipients=["ti@lab.com.br", "b@lab.com.br"],
+                 sender="monitor@lab.com.br", security="none", user="monitor",
+                 password="senha-smtp").send(an_alert())
+    [msg] = smtp.messages
+    assert msg["Subject"] == "[Bemsoft Monitor] ALERTA: token recusado pela Bemsoft"
+    assert msg["To"] == "ti@lab.com.br, b@lab.com.br"
+    assert "PAUSADO" in msg.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    assert smtp.logins == ["monitor:senha-smtp"]
+
+
+def test_a_failing_channel_is_logged_without_its_secret_and_the_others_still_get_it(
+    hook: Hook, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    secret_url = f"http://127.0.0.1:{dead_port}/hook?token=muito-secreto-42"
+    alerter = Alerter(rules=RULES, channels=[WebhookChannel(secret_url, timeout_s=2),
+                                              WebhookChannel(hook.url)],
+                      now=lambda: T0, snapshot=lambda: snap(auth_paused="401"),
+                      secrets=(secret_url,))
+    with caplog.at_level(logging.INFO, logger="bemsoft_monitor.alerts"):
+        assert [a.kind for a in alerter.check()] == [KIND_TOKEN]
+    assert len(hook.received) == 1
+    assert "alerta não entregue por webhook" in caplog.text
+    assert "muito-secreto-42" not in caplog.text
+
+
+def test_monitor_conditions_reach_the_webhook_and_the_recovery_follows(
+    tmp_path: Path, sim: Simulator, hook: Hook, smtp: SmtpSink,
+) -> None:
+    url = f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
+    lis = Lis(url)
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    sim.set_faults([{"kind": "status", "status": 422}])
+    s = make_settings(url, tmp_path, sim, alert_webhook_url=hook.url,
+                      smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none",
+                      alert_email_to="ti@lab.com.br", alert_repeat_minutes=60)
+    clock = FakeClock()
+    monitor, _ = make_monitor(s, clock)
+    alerter = build_alerter(s, monitor)
+    assert alerter is not None
+    drive(monitor, clock)
+    alerter.check()
+    assert [(b["tipo"], b["situacao"]) for b in hook.received] == [("dead_letter", "alerta")]
+    assert "solicitações: 1" in hook.received[0]["mensagem"]
+    assert "MARIA" not in json.dumps(hook.received)
+    assert smtp.messages[0]["Subject"].startswith("[Bemsoft Monitor] ALERTA: 1 pedido")
+    # The token is revoked: sending pauses and the alert says so.
+    sim.set_token("novo-token")
+    lis.requisition(2)
+    lis.item(2, "FE")
+    monitor.cycle(drain=True)
+    assert monitor.auth_paused
+    assert monitor_snapshot(monitor).auth_paused
+    alerter.check()
+    assert hook.received[-1]["tipo"] == "token"
+    # Dead letter requeued and delivered, token fixed: both recover.
+    [dead] = monitor.store.orders_by_state("dead")
+    monitor.store.requeue_order(dead.order_id, now=clock.now(), new_generation=False)
+    sim.set_token(s.token)
+    clock.advance(s.bemsoft_breaker_seconds + 1)
+    drive(monitor, clock)
+    assert not monitor.auth_paused
+    alerter.check()
+    recovered = {b["tipo"] for b in hook.received if b["situacao"] == "recuperado"}
+    assert recovered == {"dead_letter", "token"}
+    assert len(smtp.messages) == len(hook.received)
+    monitor.close()
+    lis.dispose()
+
+
+def test_no_alerter_without_webhook_or_smtp(tmp_path: Path) -> None:
+    s = make_settings("sqlite://", tmp_path)
+    monitor, _ = make_monitor(s)
+    assert build_alerter(s, monitor) is None
+
+
+def test_the_alerter_thread_checks_periodically_and_stops(hook: Hook) -> None:
+    checked = threading.Event()
+
+    def snapshot() -> Snapshot:
+        checked.set()
+        return snap(auth_paused="401")
+
+    alerter = Alerter(rules=RULES, channels=[WebhookChannel(hook.url)], now=lambda: T0,
+                      snapshot=snapshot, check_s=0.02)
+    alerter.start()
+    assert checked.wait(5)
+    alerter.stop()
+    assert len(hook.received) == 1  # rate-limited: the clock does not move
