@@ -67,6 +67,7 @@ def postgres_available() -> str | None:
 def new_db(backend: str, workdir: Path) -> BenchDb:
     """A fresh, empty database with the four LIS tables."""
     if backend == "sqlite":
+        workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / f"lis-{uuid.uuid4().hex[:8]}.db"
         db = BenchDb("sqlite", f"sqlite:///{path.as_posix()}", path=path)
     else:

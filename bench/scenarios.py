@@ -209,9 +209,9 @@ def _wait_started(db: BenchDb, proc: subprocess.Popen[bytes], timeout_s: float =
 # --------------------------------------------------------------------------- 3: idle
 
 
-def idle(backend: str, *, seconds: float, poll_s: float, workdir: Path) -> dict[str, Any]:
+def idle(backend: str, *, seconds: float, poll_s: float, warm: float,
+         workdir: Path) -> dict[str, Any]:
     db = new_db(backend, workdir)
-    warm = 10.0
     try:
         seed(db, requisitions=0)
         with SimProcess(0.0) as sim:
@@ -227,7 +227,7 @@ def idle(backend: str, *, seconds: float, poll_s: float, workdir: Path) -> dict[
     minutes = w["t"] / 60
     polls = max(1, w["polls"])
     return {
-        "backend": backend, "seconds": round(w["t"], 1), "poll_seconds": poll_s,
+        "backend": backend, "seconds": round(w["t"], 1), "warmup_s": warm, "poll_seconds": poll_s,
         "polls": w["polls"], "cpu_percent_one_core": round(100 * w["cpu_s"] / w["t"], 3),
         "lis_statements_per_min": round(w["lis_statements"] / minutes, 1),
         "state_statements_per_min": round(w["state_statements"] / minutes, 1),
@@ -275,3 +275,33 @@ def cleanup(path: Path) -> None:
 
 
 __all__ = ["cleanup", "drain_cell", "idle", "memory", "steady"]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def query_plan(*, rows: int) -> dict[str, Any]:
+    """EXPLAIN of the poll query (caught-up checkpoint and cold start) on ``rows`` items."""
+    from .plan import build_large_itemsol, explain, itemsol_access, plan_text, poll_query_sql
+
+    db = new_db("postgres", Path("."))
+    try:
+        engine = sa.create_engine(db.url)
+        # new_db created the tables already; start from an empty schema for the builder.
+        from bemsoft_monitor.source import lis_tables
+
+        lis_tables(None).item.metadata.drop_all(engine)
+        build_large_itemsol(engine, rows)
+        out: dict[str, Any] = {"rows": rows}
+        for name, after in (("caught_up", max(0, rows - 2000)), ("cold_start", 0)):
+            sql = poll_query_sql(after_id=after)
+            access = itemsol_access(explain(engine, sql))
+            out[name] = {"after_id": after, "itemsol_access": access,
+                         "uses_pkey_index": bool(access) and all(
+                             k in ("Index Scan", "Index Only Scan") and (i or "").endswith("pkey")
+                             for k, i in access),
+                         "plan": plan_text(engine, sql)}
+        engine.dispose()
+        return out
+    finally:
+        db.drop()
