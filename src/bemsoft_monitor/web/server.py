@@ -363,6 +363,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.app.css, "text/css; charset=utf-8",
                        {"Cache-Control": "max-age=3600"})
             return
+        if path == "/favicon.ico":
+            self._send(404, b"", "text/plain; charset=utf-8")
+            return
         if not self.app.auth.enabled:
             self._disabled()
             return
@@ -424,7 +427,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _login_page(self, status: int, erro: str | None = None,
                     proximo: str | None = None) -> None:
-        nonce = secrets.token_urlsafe(24)
+        # Reuse the browser's nonce: a second tab (or the favicon request) must not
+        # invalidate the form already on screen.
+        nonce = self._cookies().get(LOGIN_COOKIE, "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{32}", nonce):
+            nonce = secrets.token_urlsafe(24)
         if proximo is None:
             proximo = parse_qs(urlsplit(self.path).query).get("proximo", ["/"])[0]
         auth = self.app.auth
