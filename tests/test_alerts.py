@@ -1,4 +1,4 @@
-"""Alerts: the pure rules with plain data, then real delivery to a loopback webhook and SMTP sink."""
+"""Alerts: pure rules with plain data, then real delivery to a loopback webhook and SMTP sink."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def test_webhook_receives_the_alert_as_json(hook: Hook) -> None:
 def test_email_is_sent_through_smtp_with_login(smtp: SmtpSink) -> None:
     EmailChannel(host="127.0.0.1", port=smtp.port, recipients=["ti@lab.com.br", "b@lab.com.br"],
                  sender="monitor@lab.com.br", security="none", user="monitor",
-                 password="senha-smtp").send(an_alert())
+                 password="senha-smtp").send(an_alert())  # noqa: S106
     [msg] = smtp.messages
     assert msg["Subject"] == "[Bemsoft Monitor] ALERTA: token recusado pela Bemsoft"
     assert msg["To"] == "ti@lab.com.br, b@lab.com.br"

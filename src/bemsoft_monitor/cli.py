@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -159,11 +158,11 @@ def _start_services(settings: Settings, monitor: Any) -> list[Any]:
     """The HTTP endpoint (HTTP_ADDR / --http) and the alerter, when configured."""
     services: list[Any] = []
     if settings.http_addr:
-        from .web import AddressInUse, Painel, start_http
+        from .web import HttpBindError, Painel, start_http
 
         try:
             services.append(start_http(Painel(settings, monitor), settings.http_addr))
-        except AddressInUse as exc:
+        except HttpBindError as exc:
             err_console.print(f"✗ HTTP_ADDR/--http: {exc}", highlight=False, markup=False)
             raise typer.Exit(RET_CONFIG) from None
     from .alerts import build_alerter
@@ -179,7 +178,7 @@ def _stop_services(services: list[Any]) -> None:
     for service in reversed(services):
         try:
             service.stop()
-        except Exception:  # noqa: BLE001 - stopping must not hide the monitor's own exit
+        except Exception:
             log.exception("erro ao parar %s", type(service).__name__)
 
 
@@ -224,5 +223,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Sub-commands defined in their own modules register themselves on ``app`` when imported.
-from . import cli_catalog  # noqa: E402, F401
-from . import cli_ops  # noqa: E402, F401
+from . import (
+    cli_catalog,  # noqa: F401
+    cli_ops,  # noqa: F401
+)

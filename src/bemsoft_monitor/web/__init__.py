@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .server import AddressInUse, PainelServer, is_loopback, parse_addr, start_http
+from .server import HttpBindError, PainelServer, is_loopback, parse_addr, start_http
 from .views import Painel
 
-__all__ = ["AddressInUse", "Painel", "PainelServer", "is_loopback", "parse_addr", "start_http"]
+__all__ = ["HttpBindError", "Painel", "PainelServer", "is_loopback", "parse_addr", "start_http"]

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import sqlalchemy as sa
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
@@ -36,6 +36,7 @@ from .views import Painel, item_exists
 
 log = logging.getLogger(__name__)
 
+WEB_DIR = Path(__file__).resolve().parent
 SESSION_COOKIE = "bm_sessao"
 LOGIN_COOKIE = "bm_login"
 SESSION_TTL_S = 8 * 3600
@@ -53,7 +54,7 @@ _SECURITY_HEADERS = {
 }
 
 
-class AddressInUse(Exception):
+class HttpBindError(Exception):
     """The HTTP address cannot be bound (port taken, address not on this machine)."""
 
 
@@ -154,7 +155,8 @@ class Auth:
 
 
 def _templates() -> Environment:
-    env = Environment(loader=PackageLoader("bemsoft_monitor.web", "templates"),
+    # A plain folder loader: it also works inside the PyInstaller executable.
+    env = Environment(loader=FileSystemLoader(str(WEB_DIR / "templates")),
                       autoescape=select_autoescape(["html"]), trim_blocks=True,
                       lstrip_blocks=True)
     env.globals["versao"] = __version__
@@ -172,14 +174,13 @@ class PainelServer:
             user=s.painel_user,
             password=s.painel_password.get_secret_value() if s.painel_password else None)
         self.templates = _templates()
-        self.css = resources.files("bemsoft_monitor.web").joinpath(
-            "static/painel.css").read_bytes()
+        self.css = (WEB_DIR / "static" / "painel.css").read_bytes()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_cls = type("_Server", (_Server,), {"address_family": family})
         try:
             self.httpd = server_cls((host, port), _Handler)
         except OSError as exc:
-            raise AddressInUse(_bind_problem(host, port, exc)) from None
+            raise HttpBindError(_bind_problem(host, port, exc)) from None
         self.httpd.painel_server = self
         self.host = host
         self.port = int(self.httpd.server_address[1])
@@ -302,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
         jar = SimpleCookie()
         try:
             jar.load(self.headers.get("Cookie", ""))
-        except Exception:  # noqa: BLE001 - a malformed cookie header is just no cookie
+        except Exception:
             return {}
         return {k: v.value for k, v in jar.items()}
 
@@ -536,7 +537,7 @@ def _local_path(value: str) -> str:
 
 
 def start_http(painel: Painel, addr: str) -> PainelServer:
-    """Bind ``addr`` (``host:port``) and serve; raises :class:`AddressInUse` when it cannot."""
+    """Bind ``addr`` (``host:port``) and serve; raises :class:`HttpBindError` when it cannot."""
     host, port = parse_addr(addr)
     return PainelServer(painel, host=host, port=port).start()
 

@@ -112,8 +112,9 @@ class Painel:
             checks.append({"nome": "bemsoft", "ok": True,
                            "detalhe": "BEMSOFT_DRY_RUN=1: nada é enviado"})
         elif m.auth_paused:
+            why = self.clean(m.auth_paused)
             checks.append({"nome": "bemsoft", "ok": False,
-                           "detalhe": f"token recusado, envio pausado: {self.clean(m.auth_paused)}"})
+                           "detalhe": f"token recusado, envio pausado: {why}"})
         elif m.breaker.is_open:
             checks.append({"nome": "bemsoft", "ok": False,
                            "detalhe": "Bemsoft fora do ar ou instável (sondagem periódica)"})
@@ -267,10 +268,9 @@ class Painel:
             snap = it.snapshot
             code = (snap.conv_code or "").strip() if snap else ""
             by_code[(code, self.clean(it.reason))].append(it.requisition_id)
-        groups = sorted(({"codigo": c, "motivo": r, "itens": len(reqs),
-                          "solicitacoes": sorted(set(reqs))[:10]}
-                         for (c, r), reqs in by_code.items()),
-                        key=lambda g: (-int(g["itens"]), str(g["codigo"])))
+        ranked = sorted(by_code.items(), key=lambda kv: (-len(kv[1]), kv[0][0]))
+        groups = [{"codigo": c, "motivo": r, "itens": len(reqs),
+                   "solicitacoes": sorted(set(reqs))[:10]} for (c, r), reqs in ranked]
         age = cat.get("catalog_age_s")
         return {
             "entradas": cat.get("catalog_entries"),
@@ -312,7 +312,8 @@ class Painel:
         self._move_failed_file(order, RESOLVED_SUBDIR)
         log.info("painel: pedido %s (solicitação %s) marcado como resolvido por %s", order_id,
                  order.requisition_id, who)
-        return True, f"Pedido {order_id} (solicitação {order.requisition_id}) marcado como resolvido."
+        return True, (f"Pedido {order_id} (solicitação {order.requisition_id}) marcado como "
+                      "resolvido.")
 
     def requeue_refused(self, item_id: int, *, who: str) -> tuple[bool, str]:
         """Refused item back to pending (after fixing the mapping or catalogue)."""
