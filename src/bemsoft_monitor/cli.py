@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -223,7 +224,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Sub-commands defined in their own modules register themselves on ``app`` when imported.
-from . import (
-    cli_catalog,  # noqa: F401
-    cli_ops,  # noqa: F401
-)
+from . import cli_catalog  # noqa: E402, F401
+from . import cli_ops  # noqa: E402, F401
