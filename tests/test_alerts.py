@@ -6,9 +6,12 @@ import base64
 import datetime as dt
 import json
 import logging
+import signal
 import socket
 import socketserver
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -37,6 +40,7 @@ from bemsoft_monitor.alerts import (
 from bemsoft_monitor.simulator import Simulator
 
 from .conftest import T0, FakeClock, Lis, drive, make_monitor, make_settings
+from .test_cli_run import cli, env_for, write_env
 
 RULES = Rules(no_poll_s=600, oldest_waiting_s=1800, repeat_s=3600)
 MIN = dt.timedelta(minutes=1)
@@ -331,3 +335,28 @@ def test_the_alerter_thread_checks_periodically_and_stops(hook: Hook) -> None:
     assert checked.wait(5)
     alerter.stop()
     assert len(hook.received) == 1  # rate-limited: the clock does not move
+
+
+def test_cli_run_sends_the_dead_letter_alert_to_the_webhook(
+    tmp_path: Path, sim: Simulator, hook: Hook,
+) -> None:
+    lis = Lis(f"sqlite:///{(tmp_path / 'lis.db').as_posix()}")
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    lis.dispose()
+    sim.set_faults([{"kind": "status", "status": 422}])
+    write_env(tmp_path, sim, ALERT_WEBHOOK_URL=hook.url, ALERT_CHECK_SECONDS="1")
+    proc = subprocess.Popen(cli("run"), cwd=tmp_path, env=env_for(tmp_path),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not hook.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert [(b["tipo"], b["situacao"]) for b in hook.received] == [("dead_letter", "alerta")]
+    assert "alerta dead_letter" in err
+    assert "s3gr3d0" not in err  # the webhook URL's secret never reaches the log

@@ -21,7 +21,14 @@ import requests
 
 from bemsoft_monitor.engine import Monitor
 from bemsoft_monitor.simulator import Simulator
-from bemsoft_monitor.web import HttpBindError, Painel, PainelServer, is_loopback, parse_addr
+from bemsoft_monitor.web import (
+    HttpBindError,
+    Painel,
+    PainelServer,
+    exposure_warning,
+    is_loopback,
+    parse_addr,
+)
 
 from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
 from .test_cli_run import cli, env_for, write_env
@@ -364,6 +371,12 @@ def test_loopback_detection_and_address_parsing() -> None:
     assert not is_loopback("0.0.0.0")  # noqa: S104 and not is_loopback("192.168.0.10")
     assert parse_addr("127.0.0.1:8765") == ("127.0.0.1", 8765)
     assert parse_addr("[::1]:9000") == ("::1", 9000)
+
+
+def test_a_non_loopback_address_is_warned_about_and_loopback_is_not() -> None:
+    assert exposure_warning("127.0.0.1", "http://127.0.0.1:8765") is None
+    text = exposure_warning("192.168.0.10", "http://192.168.0.10:8765")
+    assert text is not None and "sem TLS" in text and "proxy reverso com HTTPS" in text
 
 
 def test_a_port_in_use_is_a_clear_error(env: Env) -> None:

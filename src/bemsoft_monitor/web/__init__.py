@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from .server import HttpBindError, PainelServer, is_loopback, parse_addr, start_http
+from .server import (
+    HttpBindError,
+    PainelServer,
+    exposure_warning,
+    is_loopback,
+    parse_addr,
+    start_http,
+)
 from .views import Painel
 
-__all__ = ["HttpBindError", "Painel", "PainelServer", "is_loopback", "parse_addr", "start_http"]
+__all__ = [
+    "HttpBindError",
+    "Painel",
+    "PainelServer",
+    "exposure_warning",
+    "is_loopback",
+    "parse_addr",
+    "start_http",
+]

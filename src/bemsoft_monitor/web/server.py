@@ -75,6 +75,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, url: str) -> str | None:
+    """The log warning for a painel reachable from the network (None on loopback)."""
+    if is_loopback(host):
+        return None
+    return (f"painel exposto na rede em {url} sem TLS: o token e os dados trafegam sem "
+            "criptografia; prefira 127.0.0.1 ou coloque um proxy reverso com HTTPS na frente")
+
+
 @dataclass
 class Session:
     """One logged-in browser."""
@@ -200,10 +208,9 @@ class PainelServer:
         if not self.auth.enabled:
             log.warning("painel DESLIGADO: defina PAINEL_TOKEN (ou PAINEL_USER e "
                         "PAINEL_PASSWORD) no .env; só /healthz, /readyz e /metrics respondem")
-        if not is_loopback(self.host):
-            log.warning("painel exposto na rede em %s sem TLS: as senhas e os dados trafegam "
-                        "sem criptografia; prefira 127.0.0.1 ou coloque um proxy reverso com "
-                        "HTTPS na frente", self.url)
+        warning = exposure_warning(self.host, self.url)
+        if warning:
+            log.warning(warning)
         return self
 
     def stop(self) -> None:
