@@ -440,3 +440,23 @@ def test_cli_run_serves_health_and_painel_and_stops_cleanly(tmp_path: Path,
     if sys.platform != "win32":
         with pytest.raises(requests.ConnectionError):
             requests.get(base + "/healthz", timeout=1)
+
+
+def test_conferir_orders_are_listed_and_reenviar_uses_a_new_key(tmp_path: Path,
+                                                                 sim: Simulator) -> None:
+    for e in start_env(tmp_path, sim):
+        e.lis.requisition(7)
+        e.lis.item(7, "FE")
+        # Saved, then a proxy answered 502: the retry meets a 409 that needs a person.
+        e.sim.set_faults([{"kind": "status", "status": 502, "after_save": True}])
+        e.drive()
+        [order] = e.monitor.store.orders_by_state("conferir")
+        h = login(e.url)
+        page = h.get(e.url + "/pendencias").text
+        assert "Conferir <span class=\"contagem\">1</span>" in page
+        assert f'/pedido/{order.order_id}/reenviar' in page
+        r = h.post(f"{e.url}/pedido/{order.order_id}/reenviar", data={"csrf": csrf_of(page)})
+        assert r.status_code == 200 and "voltou para a fila" in r.text
+        again = e.monitor.store.get_order(order.order_id)
+        assert again is not None and again.state == "pending"
+        assert again.generation == order.generation + 1 and again.key != order.key
