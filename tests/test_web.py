@@ -55,9 +55,10 @@ class Env:
         drive(self.monitor, self.clock)
 
 
-def start_env(tmp_path: Path, sim: Simulator, **settings: Any) -> Iterator[Env]:
+def start_env(tmp_path: Path, sim: Simulator, db_url: str | None = None,
+              **settings: Any) -> Iterator[Env]:
     """LIS with requisition 1 (dead letter: 422) and 2 (delivered); painel on a free port."""
-    url = f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
+    url = db_url or f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
     lis = Lis(url)
     lis.patient()  # MARIA DA SILVA, CPF 123.456.789-09
     lis.requisition(1)
@@ -460,3 +461,14 @@ def test_conferir_orders_are_listed_and_reenviar_uses_a_new_key(tmp_path: Path,
         again = e.monitor.store.get_order(order.order_id)
         assert again is not None and again.state == "pending"
         assert again.generation == order.generation + 1 and again.key != order.key
+
+
+def test_every_page_renders_on_sqlite_and_postgresql(tmp_path: Path, sim: Simulator,
+                                                     db_url: str) -> None:
+    for e in start_env(tmp_path, sim, db_url=db_url):
+        h = login(e.url)
+        assert "falhas: 1" in h.get(e.url + "/").text
+        assert "HTTP 422" in h.get(e.url + "/requisicao/1").text
+        assert h.get(e.url + "/pendencias").text.count('id="morto-') == 1
+        assert h.get(e.url + "/catalogo").status_code == 200
+        assert requests.get(e.url + "/readyz").status_code == 200
