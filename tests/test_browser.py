@@ -4,7 +4,7 @@ The monitor runs as the real CLI (`run --http`) on a SQLite LIS; the simulator r
 first order with a 422, so it becomes a dead letter. The browser logs in, sees it, clicks
 Reenviar and watches the monitor deliver it; the simulator must have saved it exactly once.
 Screenshots go to test-artifacts/; the overview is copied to docs/painel.png when that file
-is missing or BEMSOFT_UPDATE_SCREENSHOT=1.
+is missing or UPDATE_PAINEL_SCREENSHOT=1.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_login_see_dead_letter_reenviar_and_simulator_gets_it_once(
     assert browser.find_element(By.ID, "total-mortos").text == "1"
     assert browser.find_elements(By.CSS_SELECTOR, "svg.grafico rect.falha")
     overview = _shot(browser, "painel-visao-geral.png")
-    if not DOC_SCREENSHOT.exists() or os.environ.get("BEMSOFT_UPDATE_SCREENSHOT") == "1":
+    if not DOC_SCREENSHOT.exists() or os.environ.get("UPDATE_PAINEL_SCREENSHOT") == "1":
         DOC_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(overview, DOC_SCREENSHOT)
 
