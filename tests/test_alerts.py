@@ -131,6 +131,16 @@ def test_an_unreadable_store_neither_alerts_nor_recovers_its_conditions() -> Non
     assert st.kinds[KIND_DEAD_LETTER].active
 
 
+def test_a_standby_monitor_stays_quiet_and_counts_no_poll_from_its_takeover() -> None:
+    st = AlertState(started_at=T0)
+    standby = snap(last_poll=None, dead={(1, 1): 9}, oldest_waiting=T0 - 600 * MIN,
+                   sending=False)
+    assert run(st, standby, T0 + 120 * MIN) == []
+    took_over = snap(last_poll=None, dead={}, sending=True)
+    assert run(st, took_over, T0 + 125 * MIN) == []
+    assert run(st, took_over, T0 + 130 * MIN) == [(KIND_NO_POLL, False)]
+
+
 # --- real channels ------------------------------------------------------------------------------
 
 

@@ -75,6 +75,9 @@ class Snapshot:
     dead: dict[tuple[int, int], int] | None
     oldest_waiting: dt.datetime | None
     store_ok: bool = True
+    # False on a standby monitor (another one holds the lease): it neither reads nor sends,
+    # and the active one reports the shared conditions.
+    sending: bool = True
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,9 @@ def evaluate(state: AlertState, snap: Snapshot, *, now: dt.datetime, rules: Rule
     """The alerts and recoveries due now; ``state`` is updated as if they were sent."""
     now = _aware(now) or now
     out: list[Alert] = []
+    if not snap.sending:
+        state.started_at = now  # the no-poll clock starts when this monitor takes over
+        return out
 
     def make(kind: str, title: str, message: str, *, recovered: bool = False) -> Alert:
         word = "Resolvido" if recovered else "ALERTA"
@@ -257,7 +263,8 @@ def monitor_snapshot(monitor: Monitor) -> Snapshot:
     except sa.exc.SQLAlchemyError:
         dead, oldest, ok = None, None, False
     return Snapshot(auth_paused=monitor.auth_paused, last_poll=monitor.last_successful_poll,
-                    dead=dead, oldest_waiting=oldest, store_ok=ok)
+                    dead=dead, oldest_waiting=oldest, store_ok=ok,
+                    sending=monitor.lease_held)
 
 
 # --- channels ----------------------------------------------------------------------------
