@@ -385,6 +385,12 @@ def test_a_port_in_use_is_a_clear_error(env: Env) -> None:
         PainelServer(env.server.painel, host="127.0.0.1", port=env.server.port)
 
 
+def test_an_address_not_on_this_machine_is_a_clear_error(env: Env) -> None:
+    # 192.0.2.0/24 is reserved for documentation: no machine has it.
+    with pytest.raises(HttpBindError, match="não pertence a este computador"):
+        PainelServer(env.server.painel, host="192.0.2.1", port=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
