@@ -451,12 +451,13 @@ class _Handler(BaseHTTPRequestHandler):
     # --- POST --------------------------------------------------------------------------------
     def _post(self) -> None:
         path = urlsplit(self.path).path
-        if not self.app.auth.enabled:
-            self._disabled()
-            return
         form = self._form()
         if form is None:
+            self.close_connection = True  # the unread body must not be taken for a request
             self._error(413, "Formulário grande demais", "O formulário enviado é inválido.")
+            return
+        if not self.app.auth.enabled:
+            self._disabled()
             return
         if path == "/login":
             self._login(form)
