@@ -733,6 +733,9 @@ class Monitor:
                 else:
                     self.pump()
                 errors_in_row = 0
+                # Answers are recorded here too: a state-store outage must not end the loop.
+                remaining = (next_poll - self.clock.now()).total_seconds()
+                self.wait_for_sends(stop, max(0.01, remaining))
             except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
                 errors_in_row += 1
                 if self._db_down_since is None:
@@ -748,8 +751,6 @@ class Monitor:
                 self.clock.wait(stop, _pause_s(self.s.poll_seconds, errors_in_row))
                 next_poll = self.clock.now()
                 continue
-            remaining = (next_poll - self.clock.now()).total_seconds()
-            self.wait_for_sends(stop, max(0.01, remaining))
         self.close()
 
 
