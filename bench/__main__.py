@@ -51,6 +51,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="seconds the monitor runs over each memory backlog at most")
     p.add_argument("--memory-poll", type=float, default=0.5,
                    help="POLL_SECONDS in the memory scenario (to reach the end of the backlog)")
+    p.add_argument("--memory-debounce", type=float, default=300.0,
+                   help="DEBOUNCE_SECONDS in the memory scenario (product default: 300)")
+    p.add_argument("--fast-poll", type=float, default=0.5,
+                   help="extra drain cell at the lowest latency and highest concurrency with "
+                        "this POLL_SECONDS (0 = skip)")
     p.add_argument("--plan-rows", type=int, default=1_000_000)
     p.add_argument("--profile", action="store_true",
                    help="also run the product's largest 50 ms cell under cProfile")
@@ -73,6 +78,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.memory_items = "2000"
         args.memory_cap = 10.0
         args.memory_poll = 0.2
+        args.memory_debounce = 0.0
+        args.fast_poll = 0.0
         args.plan_rows = 20_000
     return args
 
@@ -128,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                         concurrency=conc, mode="monitor", cap_s=args.drain_cap, workdir=work(),
                         poll_s=args.poll_seconds))
                     save()
+                if args.fast_poll and latency == min(_floats(args.latencies)):
+                    conc = max(_ints(args.concurrency))
+                    log(f"drain {backend} {latency * 1000:.0f} ms concurrency {conc} "
+                        f"POLL_SECONDS={args.fast_poll}")
+                    out["drain"].append(scenarios.drain_cell(
+                        backend, requisitions=args.requisitions, latency_s=latency,
+                        concurrency=conc, mode="monitor", cap_s=args.drain_cap, workdir=work(),
+                        poll_s=args.fast_poll))
+                    save()
         if "steady" in wanted:
             log(f"steady {backend}")
             out["steady"].append(scenarios.steady(
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"memory {backend} {items} items")
                 out["memory"].append(scenarios.memory(
                     backend, items=items, cap_s=args.memory_cap, poll_s=args.memory_poll,
-                    latency_s=0.05, workdir=work()))
+                    latency_s=0.05, debounce_s=args.memory_debounce, workdir=work()))
                 save()
     if "plan" in wanted and pg_problem is None:
         log(f"plan on {args.plan_rows} rows")

@@ -94,6 +94,7 @@ def drain_cell(backend: str, *, requisitions: int, latency_s: float, concurrency
     theory = (concurrency if mode == "monitor" else 1) / latency_s
     cell = {
         "backend": backend, "mode": mode, "latency_ms": round(latency_s * 1000),
+        "poll_seconds": poll_s,
         "concurrency": concurrency if mode == "monitor" else 1,
         "requisitions": seeded["requisitions"], "items": seeded["items"],
         "delivered": len(ok), "failed_calls": bad, "complete": len(ok) >= seeded["requisitions"],
@@ -245,7 +246,7 @@ def idle(backend: str, *, seconds: float, poll_s: float, warm: float,
 
 
 def memory(backend: str, *, items: int, cap_s: float, poll_s: float, latency_s: float,
-           workdir: Path) -> dict[str, Any]:
+           debounce_s: float, workdir: Path) -> dict[str, Any]:
     db = new_db(backend, workdir)
     try:
         t0 = time.monotonic()
@@ -254,7 +255,7 @@ def memory(backend: str, *, items: int, cap_s: float, poll_s: float, latency_s: 
         with SimProcess(latency_s) as sim:
             cfg = {"mode": "monitor", "db_url": db.url, "workdir": str(workdir / "worker"),
                    "sim_url": sim.url, "token": sim.token, "poll_seconds": poll_s,
-                   "debounce_seconds": 0, "concurrency": 4, "max_seconds": cap_s,
+                   "debounce_seconds": debounce_s, "concurrency": 4, "max_seconds": cap_s,
                    "stop_checkpoint": seeded["max_item_id"]}
             result = run_worker(cfg, timeout_s=cap_s + 120)
     finally:
@@ -263,6 +264,7 @@ def memory(backend: str, *, items: int, cap_s: float, poll_s: float, latency_s: 
     items_state = result.get("store_counts", {}).get("items", {})
     return {"backend": backend, "backlog_items": seeded["items"],
             "backlog_requisitions": seeded["requisitions"], "seed_s": round(seed_s, 1),
+            "debounce_seconds": debounce_s, "poll_seconds": poll_s,
             "ran_s": round(result["snaps"]["end"]["t"], 1), "stop_reason": result["stop_reason"],
             "checkpoint": result.get("checkpoint"), "items_ingested": sum(items_state.values()),
             "orders": result.get("store_counts", {}).get("orders", {}),
