@@ -10,6 +10,7 @@ ENTRY="main.py"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PID_FILE="run/monitor.pid"
 LOG_FILE="logs/monitor.log"
+START_WAIT_S="${BEMSOFT_START_WAIT_S:-20}"
 cd "$ROOT"
 
 # True when $1 is a live process started from our entry script (guards against PID reuse).
@@ -37,13 +38,22 @@ if [ -f "$PID_FILE" ]; then
     rm -f "$PID_FILE"
 fi
 
+LOG_OFFSET="$(wc -c <"$LOG_FILE" 2>/dev/null || echo 0)"
 echo "---- $(date '+%Y-%m-%d %H:%M:%S') iniciando $NAME ($PYTHON $ENTRY $*) ----" >>"$LOG_FILE"
 PYTHONUNBUFFERED=1 nohup "$PYTHON" "$ENTRY" "$@" >>"$LOG_FILE" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$PID_FILE"
 
-# A bad .env makes the process exit at once (code 2): report it instead of "iniciado".
-sleep 1
+# Wait until the program says it started ("iniciado" in the log) or exits: a bad .env
+# ends it at once (code 2), which is reported here instead of "iniciado".
+waited_ds=0
+while kill -0 "$pid" 2>/dev/null && [ "$waited_ds" -lt $((START_WAIT_S * 10)) ]; do
+    if tail -c +"$((LOG_OFFSET + 1))" "$LOG_FILE" 2>/dev/null | grep -q "iniciado"; then
+        break
+    fi
+    sleep 0.1
+    waited_ds=$((waited_ds + 1))
+done
 if ! kill -0 "$pid" 2>/dev/null; then
     rm -f "$PID_FILE"
     rc=0

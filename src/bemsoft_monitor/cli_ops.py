@@ -8,6 +8,7 @@ usage or configuration, 3 a ``check`` failed.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,7 @@ try:  # recent Typer vendors Click; older ones depend on it
 except ImportError:  # pragma: no cover - depends on the installed Typer
     from click import exceptions as click  # type: ignore[no-redef]
 
+log = logging.getLogger(__name__)
 out = Console(highlight=False, soft_wrap=True)  # one line per result, never wrapped
 
 #: From this many files on, ``retry`` shows a progress bar instead of one line per file.
@@ -240,6 +242,8 @@ def retry(
             raise _db_problem(settings, exc) from None
         retrier = ops.FileRetrier(monitor=monitor, send=send, move_ok=move_ok if send else None,
                                   verbose=verbose, state_ready=ready)
+        log.info("reenvio iniciado: %d arquivo(s) de %s (%s)", len(paths), where,
+                 "envio real" if send else "simulação")
         one_by_one = verbose or len(paths) < PROGRESS_FROM
         if not send:
             out.print(f"Simulação (nada será enviado): {len(paths)} arquivo(s) de {where}. "
