@@ -104,9 +104,10 @@ call :nssm_set AppStderrCreationDisposition 4
 call :nssm_set AppRotateFiles 1
 call :nssm_set AppRotateOnline 1
 call :nssm_set AppRotateBytes 10485760
-rem Stop = Ctrl+C: the monitor finishes the current cycle (up to 15 s) and exits cleanly.
+rem Stop = Ctrl+C: the monitor waits for in-flight sends (SHUTDOWN_GRACE_SECONDS, 15 s)
+rem and exits cleanly; NSSM gives it 20 s before trying harder.
 call :nssm_set AppStopMethodSkip 0
-call :nssm_set AppStopMethodConsole 15000
+call :nssm_set AppStopMethodConsole 20000
 call :nssm_set AppStopMethodWindow 1500
 call :nssm_set AppStopMethodThreads 1500
 call :nssm_set AppEnvironmentExtra PYTHONUNBUFFERED=1 PYTHONIOENCODING=utf-8

@@ -37,7 +37,7 @@ set "RC=0"
 goto end
 
 :remove
-echo Parando o serviço %SERVICE% (o monitor termina o ciclo atual; pode levar até 15 s)...
+echo Parando o serviço %SERVICE% (o monitor termina o ciclo atual; pode levar até 20 s)...
 "%NSSM%" stop %SERVICE% >nul 2>&1
 "%NSSM%" remove %SERVICE% confirm
 if not errorlevel 1 goto removed

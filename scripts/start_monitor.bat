@@ -50,6 +50,9 @@ del /q "%PID_FILE%" >nul 2>&1
 
 :start
 del /q "%EXIT_FILE%" >nul 2>&1
+rem How many "iniciado" lines the log already has: a new one means this start succeeded.
+set "BEFORE=0"
+if exist "%LOG_FILE%" for /f %%n in ('find /c "iniciado" ^< "%LOG_FILE%"') do set "BEFORE=%%n"
 >>"%LOG_FILE%" echo ---- %DATE% %TIME% iniciando %NAME% (%APP%) ----
 set "PYTHONUNBUFFERED=1"
 set "PYTHONIOENCODING=utf-8"
@@ -61,9 +64,23 @@ set "PID="
 set /p PID=<"%PID_FILE%"
 
 rem A bad .env makes the process exit at once (code 2): report it instead of "iniciado".
-ping -n 3 127.0.0.1 >nul
+rem Wait (up to BEMSOFT_START_WAIT_S, 20 s) until the program logs "iniciado" or exits;
+rem the executable alone takes a few seconds to unpack before it reads the .env.
+set "START_WAIT_S=20"
+if defined BEMSOFT_START_WAIT_S set "START_WAIT_S=%BEMSOFT_START_WAIT_S%"
+set /a WAITED_S=0
+:wait_start
 call :is_running
-if not errorlevel 1 goto started
+if errorlevel 1 goto exited
+set "NOW=0"
+for /f %%n in ('find /c "iniciado" ^< "%LOG_FILE%"') do set "NOW=%%n"
+if not "%NOW%"=="%BEFORE%" goto started
+if %WAITED_S% GEQ %START_WAIT_S% goto started
+ping -n 2 127.0.0.1 >nul
+set /a WAITED_S+=1
+goto wait_start
+
+:exited
 del /q "%PID_FILE%" >nul 2>&1
 set "CODE=?"
 if exist "%EXIT_FILE%" set /p CODE=<"%EXIT_FILE%"
