@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.demo import demo_settings, seed_lis, write_demo_files
-
 from bemsoft_monitor.simulator import Simulator
 
 from .test_ops import dead_letter_demo, run_cli, write_env

@@ -206,7 +206,7 @@ def test_retry_dry_run_sends_nothing_then_send_delivers_and_moves(
 
 
 def test_retry_never_sends_again_what_was_delivered(tmp_path: Path, sim: Simulator) -> None:
-    settings, files = dead_letter_demo(tmp_path, sim)
+    _settings, files = dead_letter_demo(tmp_path, sim)
     copies = tmp_path / "copias"
     copies.mkdir()
     for f in files:
@@ -236,7 +236,7 @@ def test_retry_keeps_the_idempotency_key_of_the_order(tmp_path: Path, sim: Simul
 
 def test_retry_reports_and_skips_corrupted_and_foreign_files(tmp_path: Path,
                                                              sim: Simulator) -> None:
-    settings, files = dead_letter_demo(tmp_path, sim)
+    settings, _files = dead_letter_demo(tmp_path, sim)
     failed = Path(settings.failed_dir)
     (failed / "0_truncado.json").write_text('{"reason": "x", "event": {', encoding="utf-8")
     (failed / "0_outro_sistema.json").write_text('{"pedido": 1}', encoding="utf-8")
@@ -253,7 +253,7 @@ def test_retry_reports_and_skips_corrupted_and_foreign_files(tmp_path: Path,
 
 
 def test_retry_of_an_external_file_sends_once(tmp_path: Path, sim: Simulator) -> None:
-    settings, files = dead_letter_demo(tmp_path, sim)
+    _settings, files = dead_letter_demo(tmp_path, sim)
     payload = json.loads(files[0].read_text(encoding="utf-8"))["event"]["payload"]
     payload["batch"]["externalId"] = "EXT-1"
     foreign = tmp_path / "externo"

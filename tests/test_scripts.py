@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -44,10 +45,8 @@ def project(tmp_path: Path, sim: Simulator) -> Iterator[Path]:
     write_env(root, settings)
     yield root
     for pid_file in (root / "run").glob("*.pid"):  # never leave a process behind
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text().strip()), 9)
-        except (OSError, ValueError):
-            pass
 
 
 def sh(root: Path, script: str, *args: str, cwd: Path | None = None,

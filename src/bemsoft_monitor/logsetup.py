@@ -131,7 +131,7 @@ class SafetyFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a bad format string must not lose the line
+        except Exception:
             message = f"{record.msg} {record.args!r}"
         if record.exc_info:
             message += "\n" + logging.Formatter().formatException(record.exc_info)
