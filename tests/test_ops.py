@@ -418,3 +418,69 @@ def test_clock_check_thresholds() -> None:
                            fix="x")
     assert (ok.status, warn.status, fail.status, db_only.status) == ("ok", "warn", "fail", "warn")
     assert "atrasado 900 s" in fail.line() and fail.line().startswith("✗")
+
+
+class _TlsFront:
+    """HTTPS on 127.0.0.1 with a self-signed certificate, relaying GETs to the simulator."""
+
+    def __init__(self, folder: Path, sim: Simulator) -> None:
+        import http.server  # noqa: PLC0415
+        import ssl  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        import requests  # noqa: PLC0415
+
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-keyout", str(key), "-out", str(self.cert), "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        backend = sim.url
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                resp = requests.get(backend + self.path, timeout=10, headers={
+                    "Authorization": self.headers.get("Authorization", "")})
+                self.send_response(resp.status_code)
+                self.send_header("Content-Type", resp.headers.get("Content-Type", ""))
+                self.send_header("Content-Length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl não disponível")
+def test_check_tls_untrusted_certificate_then_trusted_ca(tmp_path: Path, sim: Simulator) -> None:
+    settings = demo(tmp_path, sim)
+    front = _TlsFront(tmp_path, sim)
+    try:
+        write_env(tmp_path, settings, BEMSOFT_BASE_URL=front.url)
+        untrusted = run_cli(tmp_path, "check")
+        assert untrusted.returncode == 3
+        bad = [line for line in check_lines(untrusted) if line.startswith("✗")]
+        assert len(bad) == 1 and bad[0].startswith("✗ TLS: certificado de") \
+            and "BEMSOFT_VERIFY" in bad[0], untrusted.stdout
+        assert any(line.startswith("– token: não verificado") for line in check_lines(untrusted))
+
+        write_env(tmp_path, settings, BEMSOFT_BASE_URL=front.url, BEMSOFT_VERIFY=str(front.cert))
+        trusted = run_cli(tmp_path, "check")
+        assert trusted.returncode == 0, trusted.stdout
+        lines = check_lines(trusted)
+        assert "✓ TLS: certificado válido" in lines
+        assert any(line.startswith("✓ token: aceito") for line in lines)
+        assert any(line.startswith("✓ catálogo /tests") for line in lines)
+    finally:
+        front.close()
