@@ -60,6 +60,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also run the product's largest 50 ms cell under cProfile")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--render-only", action="store_true",
+                   help="only rewrite the markdown from the existing JSON (after editing "
+                        "bench/NOTES.md)")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "latest.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--workdir", type=Path, default=None)
@@ -90,6 +93,10 @@ def log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.render_only:
+        args.markdown.write_text(render(json.loads(args.json.read_text(encoding="utf-8"))),
+                                 encoding="utf-8")
+        return 0
     wanted = set(args.scenarios.split(","))
     backends = args.backends.split(",")
     pg_problem = postgres_available()
