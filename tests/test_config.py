@@ -505,3 +505,76 @@ def test_parse_odbc_attributes_keeps_braced_values() -> None:
     for bad in ("X", "=1", "PWD={abc", "PWD={a}b"):
         with pytest.raises(ValueError):
             parse_odbc_attributes(bad)
+
+
+# --- mistakes a lab's IT person makes in the .env ---------------------------------------------
+
+
+def test_default_gender_accepts_the_portuguese_words() -> None:
+    common = {"db_url": "sqlite://", "terceiros": "A", "bemsoft_dry_run": True}
+    assert Settings(**common, default_gender="Masculino").default_gender == "M"
+    assert Settings(**common, default_gender=" feminino ").default_gender == "F"
+    problems = problems_of(DB_URL="sqlite://", TERCEIROS="A", BEMSOFT_DRY_RUN="1",
+                           DEFAULT_GENDER="I")
+    (line,) = lines_for(problems, "DEFAULT_GENDER")
+    assert "'I'" in line and "M ou F" in line
+
+
+@pytest.mark.parametrize("endpoint", ["https://bemsoft.ws.wiselab.com.br/requests",
+                                      "/requests?x=1", "/req uests"])
+def test_endpoint_must_be_a_plain_path(endpoint: str) -> None:
+    problems = problems_of(DB_URL="sqlite://", TERCEIROS="A", BEMSOFT_DRY_RUN="1",
+                           BEMSOFT_ENDPOINT=endpoint)
+    (line,) = lines_for(problems, "BEMSOFT_ENDPOINT")
+    assert "esperado: caminho" in line
+
+
+def test_backslash_escape_inside_double_quotes_is_reported(clean_env: Path) -> None:
+    # python-dotenv reads "srv\teste" as srv<TAB>este: the monitor would reach instance "este".
+    write_env(clean_env, MINIMAL.replace("DB_SERVER=localhost\\SQLEXPRESS",
+                                         'DB_SERVER="srv\\teste"'))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    (line,) = lines_for(info.value.problems, "DB_SERVER")
+    assert "caractere de controle" in line and "aspas" in line
+    write_env(clean_env, MINIMAL.replace("DB_SERVER=localhost\\SQLEXPRESS",
+                                         "DB_SERVER=srv\\teste"))
+    assert load_settings().db_server == "srv\\teste"  # unquoted: kept as written
+
+
+def test_control_character_in_a_secret_is_reported_masked(clean_env: Path) -> None:
+    write_env(clean_env, MINIMAL.replace("DB_PASS=senha", 'DB_PASS="se\\nnha-SECRETA"'))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    (line,) = lines_for(info.value.problems, "DB_PASS")
+    assert "****" in line and "SECRETA" not in line
+
+
+def test_misspelt_variable_is_named_with_a_suggestion(clean_env: Path) -> None:
+    write_env(clean_env, MINIMAL.replace("DB_PASS=senha", "DB_PASSWORD=senha"))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert lines_for(info.value.problems, "DB_PASS")  # the required variable is missing...
+    (hint,) = lines_for(info.value.problems, "DB_PASSWORD")  # ...and why
+    assert "quis dizer DB_PASS?" in hint and "senha" not in hint
+
+
+def test_unknown_variable_of_a_valid_file_is_a_warning(clean_env: Path) -> None:
+    write_env(clean_env, MINIMAL + "BEMSOFT_TOKN=abc\nBEMSOFT_STOP_TIMEOUT_S=20\n")
+    s = load_settings()
+    warnings = config_warnings(s)
+    assert any(w.startswith("BEMSOFT_TOKN:") and "BEMSOFT_TOKEN" in w for w in warnings)
+    assert not any(w.startswith("BEMSOFT_STOP_TIMEOUT_S") for w in warnings)  # scripts use it
+
+
+def test_settings_from_values_ignore_the_machine_environment_and_env_file(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_env(clean_env, MINIMAL + "DEFAULT_GENDER=F\n")
+    monkeypatch.setenv("STATE_DB_URL", "sqlite:///producao.db")
+    monkeypatch.setenv("BEMSOFT_EXTID_MAX", "50")
+    s = config.settings_from_values(db_url="sqlite://", terceiros="A", bemsoft_dry_run=True)
+    assert (s.state_db_url, s.default_gender, s.bemsoft_extid_max) == (None, None, 20)
+    assert isinstance(s, Settings)
+    with pytest.raises(ConfigError):
+        config.settings_from_values(db_url="sqlite://", terceiros="A", poll_seconds="abc")

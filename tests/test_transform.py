@@ -349,14 +349,36 @@ def test_requisition_columns_come_from_the_first_non_null_row() -> None:
         ("", dt.datetime(2025, 7, 1, 9, 30), "09:30:00"),
         (None, dt.datetime(2025, 7, 1, 9, 30), "09:30:00"),
         ("manhã", dt.datetime(2025, 7, 1, 9, 30), "09:30:00"),
-        ("25:00", dt.datetime(2025, 7, 1), "00:00:00"),
-        (None, dt.datetime(2025, 7, 1), "00:00:00"),
-        ("xx", dt.datetime(2025, 7, 1), "00:00:00"),
+        # dtaentrada without a time: the item's DataEntrada (08:10) that day, as the spec's
+        # chain says, rather than a made-up midnight.
+        ("25:00", dt.datetime(2025, 7, 1), "08:10:00"),
+        (None, dt.datetime(2025, 7, 1), "08:10:00"),
+        ("xx", dt.datetime(2025, 7, 1), "08:10:00"),
     ],
 )
 def test_hora_variants(hora: str | None, dtaentrada: dt.datetime, expected: str) -> None:
     order = batch(build([item(requisition_time=hora, requisition_date=dtaentrada)]))["order"]
     assert (order["date"], order["time"]) == ("2025-07-01", expected)
+
+
+def test_date_only_requisition_takes_the_earliest_entry_time_of_that_day() -> None:
+    rows = [
+        item(1, requisition_time=None, item_entered_at=dt.datetime(2025, 7, 1, 10, 5)),
+        item(2, requisition_time=None, item_entered_at=dt.datetime(2025, 7, 1, 9, 40),
+             conv_code="TSH"),
+        item(3, requisition_time=None, item_entered_at=dt.datetime(2025, 6, 30, 23, 0),
+             conv_code="FE"),
+    ]
+    order = batch(build(rows))["order"]
+    assert (order["date"], order["time"]) == ("2025-07-01", "09:40:00")
+
+
+def test_date_only_requisition_without_entries_that_day_stays_at_midnight() -> None:
+    rows = [item(requisition_time="", item_entered_at=dt.datetime(2025, 7, 2, 0, 30))]
+    body = batch(build(rows))
+    assert (body["order"]["date"], body["order"]["time"]) == ("2025-07-01", "00:00:00")
+    # The next-day collection still moves only the batch date (quirk 1).
+    assert (body["date"], body["time"]) == ("2025-07-02", "00:30:00")
 
 
 def test_parse_hora_and_normalize_gender_helpers() -> None:

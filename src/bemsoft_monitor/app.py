@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from collections.abc import Callable
@@ -13,10 +14,10 @@ from sqlalchemy.pool import StaticPool
 
 from .bemsoft import BemsoftClient
 from .catalog import CatalogCache, load_material_map, load_test_map
-from .config import Settings
+from .config import Settings, config_warnings
 from .dbconn import lis_schema, lis_url, make_engine, state_url
 from .engine import Clock, Monitor
-from .errors import CatalogUnavailable
+from .errors import CatalogUnavailable, ConfigError
 from .logsetup import mask_payload
 from .models import CatalogEntry
 from .source import LisSource, install_sqlite_functions, lis_tables
@@ -50,6 +51,8 @@ def build_client(settings: Settings) -> BemsoftClient:
 
 def build_parts(settings: Settings, *, state_in_memory: bool | None = None) -> Parts:
     """Build engines and components; maps are loaded (and validated) here."""
+    for warning in config_warnings(settings):
+        log.warning("configuração: %s", warning)
     lis_engine = make_engine(lis_url(settings), settings=settings)
     install_sqlite_functions(lis_engine)
     schema = lis_schema(settings, lis_engine.dialect.name)
@@ -89,32 +92,35 @@ def _state_store(settings: Settings, lis_engine: sa.Engine, *, in_memory: bool) 
         if real is not None:
             store.init_checkpoint(real, _utcnow())
         return store
-    if settings.state_db_url:
-        engine = make_engine(state_url(settings), settings=settings, for_state=True)
-        schema = lis_schema(settings, engine.dialect.name) if engine.dialect.name == "mssql" else None
-        return StateStore(engine, schema=schema)
-    engine = make_engine(lis_url(settings), settings=settings, for_state=True)
-    return StateStore(engine, schema=lis_schema(settings, engine.dialect.name))
+    engine = make_engine(state_url(settings), settings=settings, for_state=True)
+    return StateStore(engine, schema=_state_schema(settings, engine))
+
+
+def _state_schema(settings: Settings, engine: sa.Engine) -> str | None:
+    """The LIS schema when the state lives in the LIS (or in any SQL Server database)."""
+    if settings.state_db_url and engine.dialect.name != "mssql":
+        return None  # a separate SQLite/PostgreSQL store uses its default schema
+    return lis_schema(settings, engine.dialect.name)
 
 
 def _real_checkpoint(settings: Settings, lis_engine: sa.Engine) -> int | None:
+    """The real store's checkpoint, read-only; None when there is none (or no database)."""
     try:
-        url = state_url(settings)
-        engine = make_engine(url, settings=settings)
-        real = StateStore(engine, schema=lis_schema(settings, engine.dialect.name))
-        inspector = sa.inspect(engine)
-        if not inspector.has_table("_MonitorState", schema=real.state.schema):
+        engine = make_engine(state_url(settings), settings=settings)
+    except ConfigError:
+        return None
+    try:
+        real = StateStore(engine, schema=_state_schema(settings, engine))
+        if not sa.inspect(engine).has_table("_MonitorState", schema=real.state.schema):
             return None
-        value = real.checkpoint()
-        engine.dispose()
-        return value
+        return real.checkpoint()
     except sa.exc.SQLAlchemyError:
         return None
+    finally:
+        engine.dispose()
 
 
-def _utcnow():  # type: ignore[no-untyped-def]
-    import datetime as dt
-
+def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 

@@ -8,6 +8,7 @@ instead. Real environment variables override any file.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
 import re
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote_plus, urlsplit
 
+from dotenv import dotenv_values
 from pydantic import (
     Field,
     SecretStr,
@@ -24,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -42,6 +44,13 @@ _TRUE_WORDS = frozenset({"1", "true", "sim", "s", "yes", "y", "on"})
 _FALSE_WORDS = frozenset({"0", "false", "não", "nao", "n", "no", "off"})
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_@#$]{0,127}$")
 _UF = re.compile(r"^[A-Za-z]{2}$")
+_GENDER_WORDS = {"MASCULINO": "M", "MASC": "M", "FEMININO": "F", "FEM": "F"}
+# python-dotenv turns \t, \n, \r... inside double quotes into control characters, so
+# DB_SERVER="srv\teste" silently becomes "srv<TAB>este".
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Read by the start/stop scripts and the process itself, not by Settings.
+_NON_SETTING_VARIABLES = frozenset({"BEMSOFT_ENV_FILE", "BEMSOFT_NO_PAUSE",
+                                    "BEMSOFT_START_WAIT_S", "BEMSOFT_STOP_TIMEOUT_S"})
 
 
 def app_dir() -> Path:
@@ -306,7 +315,10 @@ class Settings(BaseSettings):
     @field_validator("default_gender", mode="before")
     @classmethod
     def _upper_gender(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        word = value.strip().upper()
+        return _GENDER_WORDS.get(word, word)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -425,6 +437,12 @@ class Settings(BaseSettings):
     @classmethod
     def _path(cls, value: str) -> str:
         value = value.strip()
+        if "://" in value:
+            # BASE_URL + ENDPOINT is the URL: a full URL here would become "/https://...".
+            raise ValueError("informe só o caminho (ex.: /requests); o endereço do servidor "
+                             "vai em BEMSOFT_BASE_URL")
+        if not value or any(c.isspace() or c in "?#" for c in value):
+            raise ValueError("caminho vazio ou com espaço, ? ou #")
         return value if value.startswith("/") else "/" + value
 
     @field_validator("bemsoft_verify")
@@ -630,12 +648,55 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         settings = Settings(_env_file=files, **overrides)  # type: ignore[call-arg]
     except ConfigError as exc:
-        raise ConfigError(problems + exc.problems) from None
+        # A misspelt name (DB_PASSWORD for DB_PASS) is often why a variable is "ausente".
+        raise ConfigError(problems + exc.problems + unknown_env_keys(files)) from None
     except UnicodeDecodeError:  # already described by _env_file_problems
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+class _ValuesOnlySettings(Settings):
+    """Settings whose only source is the constructor's arguments."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def settings_from_values(**values: Any) -> Settings:
+    """Settings from these values and the defaults only: no .env, no environment variable.
+
+    For self-contained tools (the demo) that must not pick up a lab's real STATE_DB_URL
+    or DEFAULT_GENDER from the machine they run on.
+    """
+    return _ValuesOnlySettings(**values)
+
+
+def unknown_env_keys(files: tuple[Path, ...] | None = None) -> list[str]:
+    """One Portuguese line per name in the .env files that is no setting, with a suggestion."""
+    known = {name.upper() for name in Settings.model_fields} | {"TERCEIRO"}
+    lines: list[str] = []
+    for path in env_files() if files is None else files:
+        if not path.is_file():
+            continue
+        try:
+            keys = dotenv_values(path, encoding="utf-8-sig").keys()
+        except (OSError, UnicodeDecodeError):
+            continue  # reported by _env_file_problems
+        for key in keys:
+            name = key.strip().upper()
+            if not name or name in known or name in _NON_SETTING_VARIABLES:
+                continue
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            hint = f"; quis dizer {close[0]}?" if close else "; veja os nomes em .env.example"
+            lines.append(f"{name}: variável desconhecida em {path}, ignorada{hint}")
+    return lines
 
 
 def config_warnings(settings: Settings) -> list[str]:
@@ -654,6 +715,7 @@ def config_warnings(settings: Settings) -> list[str]:
         out.append("DB_SERVER/DB_NAME/DB_USER/DB_PASS: ignorados porque DB_URL está preenchido")
     if settings.verify is False:
         out.append("BEMSOFT_VERIFY=0: certificado TLS da Bemsoft não é verificado")
+    out.extend(unknown_env_keys())
     return out
 
 
@@ -688,6 +750,15 @@ def cross_field_problems(data: Mapping[str, Any]) -> list[str]:
         return _raw_text(data, name)
 
     problems: list[str] = []
+    for name, value in data.items():
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and _CONTROL_CHARS.search(raw.strip()):
+            shown = "****" if name in SECRET_FIELDS else repr(raw.strip())
+            problems.append(
+                f"{str(name).upper()}: valor {shown} contém um caractere de controle "
+                "(tabulação ou quebra de linha); no .env, tire as aspas duplas em volta de "
+                r"valores com \ (ex.: DB_SERVER=srv\teste) ou use aspas simples"
+            )
     if not text("db_url"):
         if not text("db_server"):
             problems.append(

@@ -175,15 +175,24 @@ class _Header:
 
 
 def _order_moment(items: Sequence[LisItem], tz: dt.tzinfo, now: dt.datetime) -> dt.datetime:
+    """The specification's chain: dtaentrada + Hora, then ItemSol.DataEntrada, then now."""
+    entered = sorted(
+        d for d in (_as_datetime(i.item_entered_at, tz) for i in items) if d is not None
+    )
     requisition_date = _as_datetime(_first(items, "requisition_date"), tz)
     if requisition_date is not None:
+        day = requisition_date.date()
         hora = parse_hora(_first(items, "requisition_time"))
+        if hora is None and requisition_date.time() != _MIDNIGHT:
+            hora = requisition_date.time()  # the LIS kept the time in dtaentrada itself
         if hora is None:
-            hora = requisition_date.time()  # 00:00:00 when the LIS kept only the date
-        return dt.datetime.combine(requisition_date.date(), hora)
-    entered = [d for d in (_as_datetime(i.item_entered_at, tz) for i in items) if d is not None]
+            # Only a date: the time comes from the items entered that day; the date stays
+            # the requisition's even when items were collected the day after.
+            same_day = [d for d in entered if d.date() == day]
+            hora = same_day[0].time() if same_day else _MIDNIGHT
+        return dt.datetime.combine(day, hora)
     if entered:
-        return min(entered)
+        return entered[0]
     return _local_now(now, tz)
 
 
@@ -397,8 +406,9 @@ def build_orders(
       ``i<id>``, ``p<id>``, ``c<cpf>``, with ``-<seq>``); still too long -> refused.
       The physician's externalId is PHYSICIAN_NUMBER (refused when longer than the limit).
     - Order date/time: ``solicitacao.dtaentrada`` + ``Hora`` ('8:00', '08:00', '08:00:00',
-      '8h00'); Hora empty/junk -> the time part of dtaentrada (00:00:00 when it has none);
-      dtaentrada NULL -> the earliest ``ItemSol.DataEntrada``; none -> ``now`` in LAB_UTC_OFFSET.
+      '8h00'); Hora empty/junk -> the time part of dtaentrada, or, when it has none (00:00),
+      the earliest ``ItemSol.DataEntrada`` of that same day, else 00:00:00; dtaentrada NULL
+      -> the earliest ``ItemSol.DataEntrada``; none -> ``now`` in LAB_UTC_OFFSET.
       Timezone-aware values are converted to LAB_UTC_OFFSET; naive ones are lab time.
     - Test collection date/time: ``ItemSol.DataEntrada``, else the order's date/time.
     - Batch date/time: the order's, unless a test is collected on a later day; then the
