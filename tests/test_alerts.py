@@ -18,6 +18,7 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -93,6 +94,15 @@ def test_no_successful_poll_counts_from_start_and_recovers_on_the_next_poll() ->
     [alert] = evaluate(st, snap(last_poll=None), now=T0 + 10 * MIN, rules=RULES)
     assert alert.kind == KIND_NO_POLL and "10 min" in alert.title
     assert run(st, snap(last_poll=T0 + 11 * MIN), T0 + 11 * MIN) == [(KIND_NO_POLL, True)]
+
+
+def test_alert_times_are_the_labs_clock() -> None:
+    rules = Rules(no_poll_s=600, oldest_waiting_s=1800, repeat_s=3600,
+                  tz=ZoneInfo("America/Sao_Paulo"))
+    st = AlertState(started_at=T0)
+    [alert] = evaluate(st, snap(last_poll=T0), now=T0 + 10 * MIN, rules=rules)
+    assert "desde 01/07/2026 08:00:00 (limite: 10 min)" in alert.message  # T0 is 11:00 UTC
+    assert alert.as_json()["quando"] == "2026-07-01T08:10:00-03:00"
 
 
 def test_oldest_waiting_order_alerts_past_the_threshold() -> None:
@@ -260,6 +270,8 @@ def test_email_is_sent_through_smtp_with_login(smtp: SmtpSink) -> None:
     assert msg["To"] == "ti@lab.com.br, b@lab.com.br"
     assert "PAUSADO" in msg.get_payload(decode=True).decode()  # type: ignore[union-attr]
     assert smtp.logins == ["monitor:senha-smtp"]
+    assert msg["Date"] == "Wed, 01 Jul 2026 11:00:00 +0000"
+    assert msg["Message-ID"].endswith("@lab.com.br>")
 
 
 def test_a_failing_channel_is_logged_without_its_secret_and_the_others_still_get_it(

@@ -1,8 +1,9 @@
 """The painel in Debian's Chromium (headless, Selenium) against the real monitor and simulator.
 
-The monitor runs as the real CLI (`run --http`) on a SQLite LIS; the simulator refuses the
-first order with a 422, so it becomes a dead letter. The browser logs in, sees it, clicks
-Reenviar and watches the monitor deliver it; the simulator must have saved it exactly once.
+The monitor runs as the real CLI (`run`, painel at HTTP_ADDR) on a SQLite LIS; the simulator
+refuses the first order with a 422, so it becomes a dead letter. The browser logs in, sees
+it, clicks Reenviar and watches the monitor deliver it; the simulator must have saved it
+exactly once.
 Screenshots go to test-artifacts/; the overview is copied to docs/painel.png when that file
 is missing or UPDATE_PAINEL_SCREENSHOT=1.
 """
@@ -57,8 +58,9 @@ def browser() -> Iterator[Any]:
     if chromium is None or driver_path is None:
         _skip_or_fail("Chromium/ChromeDriver ausentes (apt-get install chromium chromium-driver)")
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        # Imported here: without selenium the test must skip (or fail in CI), not crash.
+        from selenium import webdriver  # noqa: PLC0415
+        from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
     except ImportError:
         _skip_or_fail("selenium não instalado (pip install -e '.[test]')")
     opts = webdriver.ChromeOptions()
@@ -88,9 +90,10 @@ def monitor_process(tmp_path: Path, sim: Simulator) -> Iterator[tuple[str, Simul
     # One sender, so requisition 1 is the first POST and meets the 422.
     sim.set_faults([{"kind": "status", "status": 422}])
     port = _free_port()
+    # HTTP_ADDR from the .env here; test_web covers `run --http`.
     write_env(tmp_path, sim, PAINEL_TOKEN=PAINEL_TOKEN, BEMSOFT_CONCURRENCY="1",
-              POLL_SECONDS="0.2")
-    proc = subprocess.Popen(cli("run", "--http", f"127.0.0.1:{port}"), cwd=tmp_path,
+              POLL_SECONDS="0.2", HTTP_ADDR=f"127.0.0.1:{port}")
+    proc = subprocess.Popen(cli("run"), cwd=tmp_path,
                             env=env_for(tmp_path), stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -129,8 +132,8 @@ def _shot(driver: Any, name: str) -> Path:
 def test_login_see_dead_letter_reenviar_and_simulator_gets_it_once(
     browser: Any, monitor_process: tuple[str, Simulator],
 ) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.common.by import By  # noqa: PLC0415 - see the fixture
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     base, sim = monitor_process
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
@@ -173,7 +176,7 @@ def test_login_see_dead_letter_reenviar_and_simulator_gets_it_once(
 
     def delivered(d: Any) -> bool:
         d.refresh()
-        state = d.find_element(By.CSS_SELECTOR, f"#pedido-{order_id} .estado").text
+        state = str(d.find_element(By.CSS_SELECTOR, f"#pedido-{order_id} .estado").text)
         return state == "entregue"
 
     wait.until(delivered)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 import signal
 import socket
@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from bemsoft_monitor.engine import Monitor
 from bemsoft_monitor.simulator import Simulator
@@ -121,8 +123,8 @@ def test_health_readiness_and_metrics_answer_without_login(env: Env) -> None:
     assert requests.get(env.url + "/healthz").json()["status"] == "ok"
     ready = requests.get(env.url + "/readyz")
     assert ready.status_code == 200
-    assert {c["nome"] for c in ready.json()["verificacoes"]} == {"banco_de_estado", "bemsoft",
-                                                                 "trava"}
+    assert {c["nome"]: c["ok"] for c in ready.json()["verificacoes"]} == {
+        "banco_de_estado": True, "leitura_lis": True, "bemsoft": True, "trava": True}
     metrics = requests.get(env.url + "/metrics")
     assert metrics.status_code == 200
     text = metrics.text
@@ -155,6 +157,60 @@ def test_readyz_is_503_without_the_lease(env: Env) -> None:
     r = requests.get(env.url + "/readyz")
     assert r.status_code == 503
     assert not next(c for c in r.json()["verificacoes"] if c["nome"] == "trava")["ok"]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a /metrics page, parsed with prometheus-client's own parser."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"{name} {labels} ausente de /metrics")
+
+
+def test_metrics_follow_the_running_monitor(env: Env) -> None:
+    text = requests.get(env.url + "/metrics").text
+    assert metric(text, "bemsoft_last_successful_poll_timestamp_seconds") == \
+        env.monitor.last_successful_poll.timestamp()  # type: ignore[union-attr]
+    assert metric(text, "bemsoft_catalog_age_seconds") >= 0  # fetched from the simulator
+    assert metric(text, "bemsoft_retries_total") == 0
+    assert metric(text, "bemsoft_lease_held") == 1
+    # A 503 then a success: one retry, one server_error, one more delivered.
+    env.lis.requisition(3)
+    env.lis.item(3, "FE")
+    env.sim.set_faults([{"kind": "status", "status": 503}])
+    env.drive()
+    text = requests.get(env.url + "/metrics").text
+    assert metric(text, "bemsoft_items_read_total") == 3
+    assert metric(text, "bemsoft_retries_total") == 1
+    assert metric(text, "bemsoft_orders_total", outcome="server_error") == 1
+    assert metric(text, "bemsoft_orders_total", outcome="delivered") == 2
+    assert metric(text, "bemsoft_queue_depth", state="delivered") == 2
+    assert metric(text, "bemsoft_queue_depth", state="pending") == 0
+    assert metric(text, "bemsoft_send_latency_seconds_count") == 4
+    assert metric(text, "bemsoft_dead_letters_total") == 1
+
+
+def test_oldest_waiting_age_grows_while_an_order_waits(env: Env) -> None:
+    env.lis.requisition(4)
+    env.lis.item(4, "FE")
+    env.sim.set_faults([{"kind": "status", "status": 503}] * 5)
+    env.monitor.cycle(drain=True)  # created and refused once: waits for its retry
+    env.clock.advance(90)
+    text = requests.get(env.url + "/metrics").text
+    assert metric(text, "bemsoft_queue_depth", state="pending") == 1
+    assert metric(text, "bemsoft_oldest_waiting_age_seconds") >= 90
+
+
+def test_readyz_is_503_when_the_lis_has_not_been_read_recently(env: Env) -> None:
+    painel = env.server.painel
+    env.clock.advance(painel.lis_stale_after_s() + 1)
+    r = requests.get(env.url + "/readyz")
+    assert r.status_code == 503
+    lis = next(c for c in r.json()["verificacoes"] if c["nome"] == "leitura_lis")
+    assert not lis["ok"] and "nenhuma leitura bem-sucedida do LIS" in lis["detalhe"]
+    env.monitor.cycle(drain=True)  # the LIS is read again
+    assert requests.get(env.url + "/readyz").status_code == 200
 
 
 # --- authentication and CSRF -------------------------------------------------------------------
@@ -239,6 +295,26 @@ def test_without_painel_token_only_health_and_metrics_answer(tmp_path: Path,
         assert r.status_code == 503
 
 
+def test_login_never_redirects_off_site_even_with_hidden_characters(env: Env) -> None:
+    for proximo in ("/\t/evil.example/", "/\r\nSet-Cookie: x=1", "https://evil.example/",
+                    "//evil.example/", "/\\evil.example"):
+        h = requests.Session()
+        page = h.get(env.url + "/login")
+        r = h.post(env.url + "/login", data={"csrf": csrf_of(page.text), "token": PAINEL_TOKEN,
+                                             "proximo": proximo}, allow_redirects=False)
+        assert r.status_code == 303 and r.headers["Location"] == "/", proximo
+        assert "x=1" not in r.headers.get("Set-Cookie", "")
+
+
+def test_a_form_with_a_bad_length_is_refused(env: Env) -> None:
+    with socket.create_connection(("127.0.0.1", env.server.port), timeout=5) as conn:
+        conn.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        assert conn.recv(200).startswith(b"HTTP/1.1 400")
+    r = requests.post(env.url + "/login", data="a=" + "x" * 70000,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "Formulário grande demais" in r.text
+
+
 # --- pages and bad input ------------------------------------------------------------------------
 
 
@@ -247,9 +323,21 @@ def test_overview_shows_queue_and_the_24h_chart(env: Env) -> None:
     html = h.get(env.url + "/").text
     assert "Visão geral" in html
     assert 'id="total-mortos">1<' in html
-    assert "entregues: 1" in html and "falhas: 1" in html
+    assert "entregues: 1" in html and "com falha: 1" in html
     assert html.count('<rect class="enviado"') == 1 and html.count('<rect class="falha"') == 1
     assert "cdn" not in html.lower() and "https://" not in html
+
+
+def test_the_chart_counts_orders_not_attempts(env: Env) -> None:
+    env.lis.requisition(3)
+    env.lis.item(3, "FE")
+    env.sim.set_faults([{"kind": "status", "status": 503}] * 2)  # two failed attempts
+    env.drive()
+    assert env.monitor.store.counts()["orders"]["delivered"] == 2
+    html = login(env.url).get(env.url + "/").text
+    # Orders 1 (422) and 3 (503 twice, then delivered) failed; orders 2 and 3 were delivered.
+    assert "entregues: 2" in html and "com falha: 2" in html
+    assert "2 pedido(s) entregue(s), 2 pedido(s) com falha" in html
 
 
 def test_unknown_requisition_is_404_and_non_numeric_is_400(env: Env) -> None:
@@ -286,6 +374,23 @@ def test_painel_pii_shows_patient_data(tmp_path: Path, sim: Simulator) -> None:
     for e in start_env(tmp_path, sim, painel_pii=True):
         html = login(e.url).get(e.url + "/requisicao/1").text
         assert PATIENT in html
+
+
+def test_an_api_answer_echoing_the_patient_name_is_masked(env: Env) -> None:
+    # Bemsoft may repeat the name in free text, where no pattern can recognise it.
+    order_id = dead_order_id(env)
+    echo = "HTTP 422: paciente Maria da Silva nascido em 1990-05-15 sem convênio"
+    store = env.monitor.store
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(store.attempts).where(store.attempts.c.OrderId == order_id)
+                     .values(Detail=echo))
+        conn.execute(sa.update(store.orders).where(store.orders.c.OrderId == order_id)
+                     .values(LastError=echo))
+    h = login(env.url)
+    for page in ("/requisicao/1", "/pendencias"):
+        html = h.get(env.url + page).text
+        assert "paciente M**** D* S**** nascido em *** sem convênio" in html, page
+        assert "silva" not in html.lower() and "1990-05-15" not in html
 
 
 def test_no_secret_is_ever_rendered(env: Env) -> None:
@@ -369,7 +474,8 @@ def test_actions_never_redirect_off_site(env: Env) -> None:
 
 def test_loopback_detection_and_address_parsing() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("0.0.0.0")  # noqa: S104 and not is_loopback("192.168.0.10")
+    assert not is_loopback("0.0.0.0")  # noqa: S104
+    assert not is_loopback("192.168.0.10") and not is_loopback("painel.lab.local")
     assert parse_addr("127.0.0.1:8765") == ("127.0.0.1", 8765)
     assert parse_addr("[::1]:9000") == ("::1", 9000)
 
@@ -378,6 +484,19 @@ def test_a_non_loopback_address_is_warned_about_and_loopback_is_not() -> None:
     assert exposure_warning("127.0.0.1", "http://127.0.0.1:8765") is None
     text = exposure_warning("192.168.0.10", "http://192.168.0.10:8765")
     assert text is not None and "sem TLS" in text and "proxy reverso com HTTPS" in text
+
+
+def test_binding_a_non_loopback_address_warns_in_the_log(
+    env: Env, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="bemsoft_monitor.web.server"):
+        exposed = PainelServer(env.server.painel, host="0.0.0.0", port=0).start()  # noqa: S104
+        exposed.stop()
+        PainelServer(env.server.painel, host="127.0.0.1", port=0).start().stop()
+    warnings = [r.getMessage() for r in caplog.records if "sem TLS" in r.getMessage()]
+    assert warnings == [f"painel exposto na rede em http://0.0.0.0:{exposed.port} sem TLS: o "
+                        "token e os dados trafegam sem criptografia; prefira 127.0.0.1 ou "
+                        "coloque um proxy reverso com HTTPS na frente"]
 
 
 def test_a_port_in_use_is_a_clear_error(env: Env) -> None:
@@ -438,7 +557,10 @@ def test_cli_run_serves_health_and_painel_and_stops_cleanly(tmp_path: Path,
         assert requests.get(base + "/readyz", timeout=5).status_code == 200
         assert "Solicitação 1" in login(base).get(base + "/requisicao/1").text
     finally:
-        proc.send_signal(signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT)
+        if sys.platform == "win32":
+            proc.send_signal(signal.CTRL_BREAK_EVENT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"painel e métricas em http://127.0.0.1:{port}" in err
@@ -473,7 +595,7 @@ def test_every_page_renders_on_sqlite_and_postgresql(tmp_path: Path, sim: Simula
                                                      db_url: str) -> None:
     for e in start_env(tmp_path, sim, db_url=db_url):
         h = login(e.url)
-        assert "falhas: 1" in h.get(e.url + "/").text
+        assert "com falha: 1" in h.get(e.url + "/").text
         assert "HTTP 422" in h.get(e.url + "/requisicao/1").text
         assert h.get(e.url + "/pendencias").text.count('id="morto-') == 1
         assert h.get(e.url + "/catalogo").status_code == 200

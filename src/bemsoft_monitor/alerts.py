@@ -8,6 +8,7 @@ snapshot of the monitor and the time; the channels only deliver. Each kind is ra
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import logging
 import smtplib
 import ssl
@@ -63,6 +64,8 @@ class Rules:
     no_poll_s: float
     oldest_waiting_s: float
     repeat_s: float
+    # The lab's time zone: times in the messages are the lab's clock, not UTC.
+    tz: dt.tzinfo = dt.timezone.utc
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,11 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value
 
 
+def _when(value: dt.datetime, tz: dt.tzinfo) -> str:
+    """A time as the lab reads it: 01/07/2026 08:00:00."""
+    return value.astimezone(tz).strftime("%d/%m/%Y %H:%M:%S")
+
+
 def _minutes(seconds: float) -> str:
     minutes = seconds / 60
     return f"{minutes:.0f} min" if minutes >= 1 else f"{seconds:.0f} s"
@@ -167,7 +175,8 @@ def evaluate(state: AlertState, snap: Snapshot, *, now: dt.datetime, rules: Rule
 
     def make(kind: str, title: str, message: str, *, recovered: bool = False) -> Alert:
         word = "Resolvido" if recovered else "ALERTA"
-        return Alert(kind, recovered, f"{PREFIX} {word}: {title}", message, now)
+        return Alert(kind, recovered, f"{PREFIX} {word}: {title}", message,
+                     now.astimezone(rules.tz))
 
     # Token rejected: sending is paused until the token works again.
     reason = snap.auth_paused
@@ -191,7 +200,7 @@ def evaluate(state: AlertState, snap: Snapshot, *, now: dt.datetime, rules: Rule
         alert=lambda again: make(KIND_NO_POLL, "o LIS não é lido há " + _minutes(quiet_s) + (
             " (continua)" if again else ""),
             f"Nenhuma leitura bem-sucedida do banco do LIS desde "
-            f"{last.isoformat(timespec='seconds')} (limite: {_minutes(rules.no_poll_s)}). "
+            f"{_when(last, rules.tz)} (limite: {_minutes(rules.no_poll_s)}). "
             "Verifique se o SQL Server está acessível e veja o log do monitor."),
         recovery=lambda: make(KIND_NO_POLL, "leitura do LIS normalizada",
                               "O monitor voltou a ler o banco do LIS.", recovered=True),
@@ -321,8 +330,12 @@ class EmailChannel:
         msg["Subject"] = alert.title
         msg["From"] = self.sender
         msg["To"] = ", ".join(self.recipients)
+        # Without these, many mail servers score the message as spam.
+        msg["Date"] = email.utils.format_datetime(alert.at)
+        msg["Message-ID"] = email.utils.make_msgid(domain=self.sender.rpartition("@")[2] or None)
         msg.set_content(f"{alert.message}\n\nMonitor: {hostname()}\nQuando: "
-                        f"{alert.at.isoformat(timespec='seconds')}\n")
+                        f"{alert.at.strftime('%d/%m/%Y %H:%M:%S')} (horário do "
+                        "laboratório)\n")
         context = ssl.create_default_context()
         smtp: smtplib.SMTP
         if self.security == "ssl":
@@ -419,7 +432,7 @@ def build_alerter(settings: Settings, monitor: Monitor) -> Alerter | None:
         return None
     rules = Rules(no_poll_s=settings.alert_no_poll_minutes * 60,
                   oldest_waiting_s=settings.alert_oldest_waiting_minutes * 60,
-                  repeat_s=settings.alert_repeat_minutes * 60)
+                  repeat_s=settings.alert_repeat_minutes * 60, tz=settings.lab_tz)
     return Alerter(rules=rules, channels=channels, now=monitor.clock.now,
                    snapshot=lambda: monitor_snapshot(monitor),
                    check_s=settings.alert_check_seconds, secrets=settings.secrets)

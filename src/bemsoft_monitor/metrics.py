@@ -37,7 +37,8 @@ class Metrics:
             "bemsoft_oldest_waiting_age_seconds",
             "Idade do pedido mais antigo ainda não finalizado", registry=r)
         self.catalog_age = Gauge("bemsoft_catalog_age_seconds",
-                                 "Idade da cópia do catálogo /tests", registry=r)
+                                 "Idade da cópia do catálogo /tests (-1: sem cópia)",
+                                 registry=r)
         self.auth_paused = Gauge("bemsoft_auth_paused",
                                  "1 quando o envio está pausado por token recusado",
                                  registry=r)

@@ -8,7 +8,7 @@ compared in constant time and never rendered.
 
 from __future__ import annotations
 
-import datetime as dt
+import errno
 import hmac
 import ipaddress
 import json
@@ -183,6 +183,7 @@ class PainelServer:
             password=s.painel_password.get_secret_value() if s.painel_password else None)
         self.templates = _templates()
         self.css = (WEB_DIR / "static" / "painel.css").read_bytes()
+        self.gauges_stale = False
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_cls = type("_Server", (_Server,), {"address_family": family})
         try:
@@ -228,8 +229,6 @@ class PainelServer:
 
 
 def _bind_problem(host: str, port: int, exc: OSError) -> str:
-    import errno
-
     if exc.errno == errno.EADDRINUSE:
         return (f"a porta {port} em {host} já está em uso (outro programa ou outro monitor); "
                 "escolha outra porta em --http ou HTTP_ADDR, ex.: 127.0.0.1:8766")
@@ -317,13 +316,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _session(self) -> Session | None:
         return self.app.auth.get(self._cookies().get(SESSION_COOKIE))
 
-    def _form(self) -> dict[str, str] | None:
+    def _form(self) -> dict[str, str] | int:
+        """The posted form, or the HTTP status that refuses it (400 or 413)."""
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
-            return None
-        if length < 0 or length > MAX_FORM_BYTES:
-            return None
+            return HTTPStatus.BAD_REQUEST
+        if length < 0:
+            return HTTPStatus.BAD_REQUEST
+        if length > MAX_FORM_BYTES:
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
         raw = self.rfile.read(length).decode("utf-8", "replace")
         return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
 
@@ -416,8 +418,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             monitor.refresh_gauges()
         except sa.exc.SQLAlchemyError:
-            log.warning("métricas: banco de estado indisponível; medidores da fila não "
-                        "atualizados")
+            # Prometheus scrapes every few seconds: say it once per outage, not per scrape.
+            if not self.app.gauges_stale:
+                log.warning("métricas: banco de estado indisponível; os medidores da fila "
+                            "mostram os últimos valores lidos")
+            self.app.gauges_stale = True
+        else:
+            if self.app.gauges_stale:
+                log.info("métricas: banco de estado disponível novamente")
+            self.app.gauges_stale = False
         self._send(200, generate_latest(monitor.metrics.registry), CONTENT_TYPE_LATEST)
 
     def _requisition(self, raw: str, session: Session) -> None:
@@ -452,9 +461,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         path = urlsplit(self.path).path
         form = self._form()
-        if form is None:
+        if isinstance(form, int):
             self.close_connection = True  # the unread body must not be taken for a request
-            self._error(413, "Formulário grande demais", "O formulário enviado é inválido.")
+            if form == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                self._error(form, "Formulário grande demais",
+                            f"O formulário passa de {MAX_FORM_BYTES // 1024} KB; o painel não "
+                            "o aceita.")
+            else:
+                self._error(form, "Formulário inválido",
+                            "O cabeçalho Content-Length do formulário é inválido.")
             return
         if not self.app.auth.enabled:
             self._disabled()
@@ -538,8 +553,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _local_path(value: str) -> str:
-    """Only same-site paths are followed after a login or an action (no open redirect)."""
-    if not value.startswith("/") or value.startswith("//") or "\\" in value:
+    """Only same-site paths are followed after a login or an action (no open redirect).
+
+    Browsers drop tabs and newlines from a Location before reading it ("/\t/evil" is
+    "//evil"), and a CR/LF would split the response: any whitespace or control character
+    sends the user to the overview instead.
+    """
+    if (not value.startswith("/") or value.startswith("//") or "\\" in value
+            or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value)):
         return "/"
     return value
 
@@ -548,7 +569,3 @@ def start_http(painel: Painel, addr: str) -> PainelServer:
     """Bind ``addr`` (``host:port``) and serve; raises :class:`HttpBindError` when it cannot."""
     host, port = parse_addr(addr)
     return PainelServer(painel, host=host, port=port).start()
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -11,7 +11,8 @@ import collections
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..deadletter import ensure_private_dir
-from ..logsetup import mask_name, mask_payload, mask_text
+from ..logsetup import PATIENT_KEYS, mask_name, mask_payload, mask_text
+from ..ops import catalog_status, collect_status, move_file
 from ..redact import redact_secrets
 from ..store import (
     ITEM_REFUSED,
@@ -39,6 +41,11 @@ CHART_HOURS = 24
 CHART_W, CHART_H, CHART_TOP = 720, 160, 10
 SENT_OUTCOMES = frozenset({"delivered", "already"})
 LIST_LIMIT = 500
+MIN_MASKED_LEN = 4
+# /readyz fails when the LIS was last read longer ago than this many poll intervals
+# (never under two minutes: a long cycle while catching up is not an outage).
+LIS_STALE_POLLS = 10
+LIS_STALE_MIN_S = 120.0
 # Where the painel moves a FAILED_DIR file once its order is requeued or resolved (the
 # retry command reads only the folder's top level, so these are never sent again).
 REQUEUED_SUBDIR = "reenviados_painel"
@@ -74,12 +81,22 @@ class Painel:
         return self.settings.painel_pii
 
     # --- text hygiene ---------------------------------------------------------------
-    def clean(self, text: str | None) -> str:
-        """Secrets removed always; patient data masked unless PAINEL_PII=1."""
+    def clean(self, text: str | None, patient: Sequence[str] = ()) -> str:
+        """Secrets removed always; patient data masked unless PAINEL_PII=1.
+
+        ``patient``: this order's own name/birth date/CPF, masked wherever the text repeats
+        them (an API error may echo the name in free text, which no pattern recognises).
+        """
         if not text:
             return ""
         out = redact_secrets(str(text), self.settings.secrets)
-        return out if self.show_pii else mask_text(out)
+        if self.show_pii:
+            return out
+        for value in sorted(patient, key=len, reverse=True):
+            # Letters and asterisks only: nothing in the replacement is a regex escape.
+            shown = mask_name(value) if value.replace(" ", "").isalpha() else "***"
+            out = re.compile(re.escape(value), re.IGNORECASE).sub(shown, out)
+        return mask_text(out)
 
     def payload_text(self, payload: dict[str, Any]) -> str:
         shown = payload if self.show_pii else mask_payload(payload, show_pii=False)
@@ -94,9 +111,34 @@ class Painel:
             value = value.replace(tzinfo=dt.timezone.utc)
         return value.astimezone(self.settings.lab_tz).strftime("%d/%m/%Y %H:%M:%S")
 
+    @staticmethod
+    def patient_values(payload: Any, items: Sequence[Any] = ()) -> tuple[str, ...]:
+        """The patient's identifying values in a payload and in LIS snapshots."""
+        found: set[str] = set()
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key in PATIENT_KEYS and isinstance(value, str):
+                        found.add(value.strip())
+                    else:
+                        walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(payload)
+        for it in items:
+            snap = getattr(it, "snapshot", None)
+            if snap is not None:
+                found.update(str(v).strip() for v in (snap.patient_name, snap.patient_cpf)
+                             if v)
+        # Short values ("F", "10") would mask ordinary words and numbers.
+        return tuple(v for v in found if len(v) >= MIN_MASKED_LEN)
+
     # --- health ------------------------------------------------------------------------
     def readiness(self) -> list[dict[str, Any]]:
-        """Database, Bemsoft and lease checks for /readyz."""
+        """State store, LIS reading, Bemsoft and lease checks for /readyz."""
         checks: list[dict[str, Any]] = []
         try:
             with self.store.engine.connect() as conn:
@@ -108,6 +150,7 @@ class Painel:
             checks.append({"nome": "banco_de_estado", "ok": False,
                            "detalhe": f"inacessível: {reason}"})
         m = self.monitor
+        checks.append(self._lis_check())
         if self.settings.bemsoft_dry_run:
             checks.append({"nome": "bemsoft", "ok": True,
                            "detalhe": "BEMSOFT_DRY_RUN=1: nada é enviado"})
@@ -119,7 +162,8 @@ class Painel:
             checks.append({"nome": "bemsoft", "ok": False,
                            "detalhe": "Bemsoft fora do ar ou instável (sondagem periódica)"})
         else:
-            checks.append({"nome": "bemsoft", "ok": True, "detalhe": "respondendo"})
+            checks.append({"nome": "bemsoft", "ok": True,
+                           "detalhe": "sem token recusado nem instabilidade detectada"})
         if m.lease_held:
             checks.append({"nome": "trava", "ok": True, "detalhe": "este monitor envia"})
         else:
@@ -128,10 +172,30 @@ class Painel:
                                       "estado ainda não foi lido"})
         return checks
 
+    def lis_stale_after_s(self) -> float:
+        """How old the last successful LIS read may be before /readyz fails."""
+        return max(LIS_STALE_MIN_S, LIS_STALE_POLLS * self.settings.poll_seconds)
+
+    def _lis_check(self) -> dict[str, Any]:
+        m = self.monitor
+        last = m.last_successful_poll
+        if not m.lease_held:
+            return {"nome": "leitura_lis", "ok": False,
+                    "detalhe": "este monitor não lê o LIS enquanto não tiver a trava"}
+        if last is None:
+            return {"nome": "leitura_lis", "ok": False,
+                    "detalhe": "o LIS ainda não foi lido desde o início do monitor"}
+        age_s = (self.now() - last).total_seconds()
+        limit_s = self.lis_stale_after_s()
+        if age_s > limit_s:
+            return {"nome": "leitura_lis", "ok": False,
+                    "detalhe": f"nenhuma leitura bem-sucedida do LIS há {age_s:.0f} s (limite "
+                               f"{limit_s:.0f} s); veja o log do monitor"}
+        return {"nome": "leitura_lis", "ok": True,
+                "detalhe": f"última leitura há {max(age_s, 0):.0f} s"}
+
     # --- overview -----------------------------------------------------------------------
     def overview(self) -> dict[str, Any]:
-        from ..ops import collect_status
-
         now = self.now()
         status: dict[str, Any] | None
         error = None
@@ -153,23 +217,29 @@ class Painel:
         }
 
     def chart(self, now: dt.datetime) -> dict[str, Any]:
-        """Orders sent and failed per hour over the last 24 h, laid out as SVG bars."""
+        """Orders sent and failed per hour over the last 24 h, laid out as SVG bars.
+
+        Orders, not attempts: an order retried ten times in one hour is one failed order
+        in that hour (and a sent one in the hour it was finally delivered).
+        """
         now_utc = now.astimezone(dt.timezone.utc).replace(tzinfo=None) if now.tzinfo else now
         end = now_utc.replace(minute=0, second=0, microsecond=0) + dt.timedelta(hours=1)
         start = end - dt.timedelta(hours=CHART_HOURS)
         a = self.store.attempts
-        q = (sa.select(a.c.FinishedAt, a.c.Outcome)
+        q = (sa.select(a.c.OrderId, a.c.FinishedAt, a.c.Outcome)
              .where(a.c.FinishedAt >= start, a.c.FinishedAt < end, a.c.Outcome.is_not(None)))
-        sent = [0] * CHART_HOURS
-        failed = [0] * CHART_HOURS
+        sent_ids: list[set[int]] = [set() for _ in range(CHART_HOURS)]
+        failed_ids: list[set[int]] = [set() for _ in range(CHART_HOURS)]
         with self.store.engine.connect() as conn:
-            for finished, outcome in conn.execute(q):
+            for order_id, finished, outcome in conn.execute(q):
                 slot = int((finished - start).total_seconds() // 3600)
                 if 0 <= slot < CHART_HOURS:
                     if outcome in SENT_OUTCOMES:
-                        sent[slot] += 1
+                        sent_ids[slot].add(int(order_id))
                     elif outcome != "interrupted":
-                        failed[slot] += 1
+                        failed_ids[slot].add(int(order_id))
+        sent = [len(ids) for ids in sent_ids]
+        failed = [len(ids) for ids in failed_ids]
         peak = max([*sent, *failed, 1])
         slot_w = CHART_W / CHART_HOURS
         bar_w = (slot_w - 4) / 2
@@ -199,6 +269,7 @@ class Painel:
         if not items and not orders:
             return None
         patient = None
+        known = self.patient_values([o.payload for o in orders], items)
         rows = []
         for it in items:
             snap = it.snapshot
@@ -209,24 +280,25 @@ class Painel:
                 "estado_cod": it.state, "pedido": it.order_id,
                 "codigo": (snap.conv_code or "").strip() if snap else "",
                 "descricao": (snap.description or "").strip() if snap else "",
-                "motivo": self.clean(it.reason),
+                "motivo": self.clean(it.reason, known),
             })
         return {"numero": req_id, "paciente": patient, "itens": rows,
                 "pedidos": [self.order_view(o) for o in orders]}
 
     def order_view(self, o: OrderRow) -> dict[str, Any]:
+        known = self.patient_values(o.payload)
         attempts = []
         for a in self.store.attempts_of(o.order_id):
             attempts.append({
                 "inicio": self.local(a["StartedAt"]), "fim": self.local(a["FinishedAt"]),
                 "status": a["Status"], "resultado": a["Outcome"] or "sem resposta ainda",
-                "detalhe": self.clean(a["Detail"]), "ms": a["ElapsedMs"],
+                "detalhe": self.clean(a["Detail"], known), "ms": a["ElapsedMs"],
                 "chave": a["IdempotencyKey"],
             })
         return {
             "id": o.order_id, "req": o.requisition_id, "seq": o.seq, "estado_cod": o.state,
             "estado": ORDER_STATE_PT.get(o.state, o.state), "chave": o.key,
-            "tentativas": o.attempts, "erro": self.clean(o.last_error),
+            "tentativas": o.attempts, "erro": self.clean(o.last_error, known),
             "status": o.last_status, "itens": list(o.item_ids),
             "payload": self.payload_text(o.payload), "tentativas_lista": attempts,
             "arquivo": Path(o.failed_file).name if o.failed_file else None,
@@ -248,7 +320,7 @@ class Painel:
     def _brief(self, o: OrderRow) -> dict[str, Any]:
         return {"id": o.order_id, "req": o.requisition_id, "seq": o.seq,
                 "itens": len(o.item_ids), "tentativas": o.attempts, "status": o.last_status,
-                "erro": self.clean(o.last_error)[:300],
+                "erro": self.clean(o.last_error, self.patient_values(o.payload))[:300],
                 "arquivo": Path(o.failed_file).name if o.failed_file else None}
 
     def _refused(self, it: Any) -> dict[str, Any]:
@@ -259,8 +331,6 @@ class Painel:
                 "motivo": self.clean(it.reason)}
 
     def catalog_problems(self) -> dict[str, Any]:
-        from ..ops import catalog_status
-
         cat = catalog_status(self.settings, now=self.now())
         refused = self.store.items_by_state(ITEM_REFUSED, limit=100000)
         by_code: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
@@ -326,8 +396,6 @@ class Painel:
     def _move_failed_file(self, order: OrderRow, subdir: str) -> None:
         if not order.failed_file:
             return
-        from ..ops import move_file
-
         path = Path(order.failed_file)
         if not path.is_file():
             return
@@ -344,5 +412,3 @@ def item_exists(store: StateStore, item_id: int) -> bool:
         return conn.execute(sa.select(store.items.c.ItemId).where(
             store.items.c.ItemId == item_id)).first() is not None
 
-
-NowFn = Callable[[], dt.datetime]
