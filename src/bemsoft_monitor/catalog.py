@@ -29,6 +29,7 @@ __all__ = [
     "Catalog",
     "CatalogCache",
     "CatalogFormatError",
+    "MapReloader",
     "ParseReport",
     "Resolution",
     "Resolver",
@@ -93,7 +94,11 @@ class ParseReport:
 
     entries: list[CatalogEntry]
     skipped: int = 0  # rows without id or specimen.id
-    duplicates: int = 0  # exact repeats collapsed
+    duplicates: int = 0  # repeats of the same id + specimen.id collapsed (the first is kept)
+    #: The first few dropped rows, as "posição N: <problem>" (N counts from 1 in the list).
+    skipped_examples: tuple[str, ...] = ()
+    #: The first few repeated "id/specimen.id" pairs.
+    duplicate_examples: tuple[str, ...] = ()
 
 
 def _snippet(text: str, size: int = 60) -> str:
@@ -135,26 +140,42 @@ def _decode_body(body: bytes | str | object, source: str) -> object:
 def _text(value: object) -> str:
     if isinstance(value, bool) or value is None:
         return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 123.0 from a JSON encoder that writes every number as float
     if isinstance(value, (str, int)):
         return str(value).strip()
     return ""
 
 
-def _entry(row: object) -> CatalogEntry | None:
+def _entry(row: object) -> CatalogEntry | str:
+    """The entry of one ``/tests`` row, or what is wrong with it (Portuguese)."""
     if not isinstance(row, Mapping):
-        return None
+        return f"não é um objeto JSON ({_snippet(json.dumps(row, ensure_ascii=False), 40)})"
+    test_id = _text(row.get("id"))
+    label = f'"id": "{test_id}"' if test_id else _snippet(
+        json.dumps(row, ensure_ascii=False, default=str), 40)
     specimen = row.get("specimen")
+    if not test_id:
+        return f'sem "id" ({label})'
     if not isinstance(specimen, Mapping):
-        return None
-    test_id, specimen_id = _text(row.get("id")), _text(specimen.get("id"))
-    if not test_id or not specimen_id:
-        return None
+        return f'{label} sem "specimen" {{"id": ..., "name": ...}}'
+    specimen_id = _text(specimen.get("id"))
+    if not specimen_id:
+        return f'{label} sem "specimen.id"'
     return CatalogEntry(
         test_id=test_id,
         name=_text(row.get("name")),
         specimen_id=specimen_id,
         specimen_name=_text(specimen.get("name")),
     )
+
+
+def _variant_key(entry: CatalogEntry) -> tuple[str, str]:
+    """The pair that is sent (supportTestId, supportSpecimenId): one variant, whatever its name."""
+    return normalize_code(entry.test_id), normalize_code(entry.specimen_id)
+
+
+_MAX_EXAMPLES = 5
 
 
 def parse_catalog_report(body: bytes | str | object, *, source: str) -> ParseReport:
@@ -179,29 +200,56 @@ def parse_catalog_report(body: bytes | str | object, *, source: str) -> ParseRep
             f'{source}: "tests" deveria ser uma lista, veio {type(rows).__name__}; '
             'esperado {"tests": [{"id": ..., "specimen": {"id": ...}}]}'
         )
-    entries: list[CatalogEntry] = []
-    skipped = 0
-    for row in rows:
+    unique: dict[tuple[str, str], CatalogEntry] = {}
+    skipped: list[str] = []
+    duplicates: list[str] = []
+    for position, row in enumerate(rows, start=1):
         entry = _entry(row)
-        if entry is None:
-            skipped += 1
+        if isinstance(entry, str):
+            skipped.append(f"posição {position}: {entry}")
+            continue
+        key = _variant_key(entry)
+        if key in unique:
+            duplicates.append(f"{entry.test_id}/{entry.specimen_id}")
         else:
-            entries.append(entry)
-    unique = list(dict.fromkeys(entries))
+            unique[key] = entry
     if rows and not unique:
         raise CatalogFormatError(
-            f'{source}: nenhum dos {len(rows)} itens tem "id" e "specimen.id"; o formato '
-            "do catálogo da Bemsoft mudou?"
+            f'{source}: nenhum dos {len(rows)} itens tem "id" e "specimen.id" (ex.: '
+            f'{skipped[0]}); o formato do catálogo da Bemsoft mudou?'
         )
-    return ParseReport(entries=unique, skipped=skipped, duplicates=len(entries) - len(unique))
+    return ParseReport(
+        entries=list(unique.values()),
+        skipped=len(skipped),
+        duplicates=len(duplicates),
+        skipped_examples=tuple(skipped[:_MAX_EXAMPLES]),
+        duplicate_examples=tuple(dict.fromkeys(duplicates))[:_MAX_EXAMPLES],
+    )
+
+
+def _more(shown: Sequence[str], total: int) -> str:
+    rest = total - len(shown)
+    return "; ".join(shown) + (f"; e mais {rest}" if rest > 0 else "")
 
 
 def parse_catalog(body: bytes | str | object, *, source: str) -> list[CatalogEntry]:
-    """Entries of a ``/tests`` body; rows without ids are skipped with one WARNING."""
+    """Entries of a ``/tests`` body; dropped and repeated rows are named in one WARNING each."""
     report = parse_catalog_report(body, source=source)
     if report.skipped:
         log.warning(
-            "catálogo: %d itens sem id ou specimen.id ignorados em %s", report.skipped, source
+            "catálogo: %d itens sem id ou specimen.id ignorados em %s (%s); os demais exames "
+            "seguem em uso — avise a Bemsoft se um exame que você usa estiver entre eles",
+            report.skipped,
+            source,
+            _more(report.skipped_examples, report.skipped),
+        )
+    if report.duplicates:
+        log.warning(
+            "catálogo: %d itens repetidos (mesmo id e specimen.id) ignorados em %s (%s); "
+            "vale o primeiro de cada",
+            report.duplicates,
+            source,
+            _more(report.duplicate_examples, report.duplicates),
         )
     return report.entries
 
@@ -234,6 +282,12 @@ _JSON_ERRORS_PT = {
 }
 
 
+#: One well-formed UTF-8 sequence of an accented letter (two to four bytes).
+_UTF8_MULTIBYTE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
+)
+
+
 def _read_text(path: Path, setting: str) -> str:
     try:
         raw = Path(path).read_bytes()
@@ -244,21 +298,41 @@ def _read_text(path: Path, setting: str) -> str:
             f"arquivo {path} não pode ser lido ({exc.strerror or exc}); verifique {setting} "
             "e as permissões do arquivo"
         ) from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's "Unicode"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's and Excel's "Unicode"
         try:
             return raw.decode("utf-16")
-        except UnicodeDecodeError:
-            pass
+        except UnicodeDecodeError as exc:
+            raise MapFileError(
+                f"arquivo {path}: UTF-16 corrompido perto do byte {exc.start}; salve o arquivo "
+                f"de novo como UTF-8 ({setting})"
+            ) from None
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise MapFileError(
+            f"arquivo {path}, linha {line}: contém bytes nulos (UTF-16 sem marca de início ou "
+            f"arquivo binário); salve como 'CSV UTF-8' ou UTF-8 no Bloco de Notas ({setting})"
+        )
     try:
         return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
-    try:
-        return raw.decode("cp1252")
     except UnicodeDecodeError as exc:
+        bad_at = exc.start
+    line = raw[:bad_at].count(b"\n") + 1
+    if _UTF8_MULTIBYTE.search(raw):
+        # Real UTF-8 accents next to a byte that is not UTF-8: two encodings in one file.
+        # Decoding it all as Windows-1252 would silently turn "Á" into "Ã\x81".
         raise MapFileError(
-            f"arquivo {path}: codificação não reconhecida (byte inválido na posição "
-            f"{exc.start}); salve o arquivo como UTF-8"
+            f"arquivo {path}, linha {line}: mistura UTF-8 com outra codificação (byte "
+            f"0x{raw[bad_at]:02X} inválido); abra o arquivo e salve de novo como UTF-8 "
+            f"({setting})"
+        )
+    try:
+        return raw.decode("cp1252")  # Excel's "CSV (separado por vírgulas)" in pt-BR Windows
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise MapFileError(
+            f"arquivo {path}, linha {line}: codificação não reconhecida (byte "
+            f"0x{raw[exc.start]:02X} não é UTF-8 nem Windows-1252); salve o arquivo como UTF-8 "
+            f"({setting})"
         ) from None
 
 
@@ -281,6 +355,12 @@ def _load_json_map(text: str, path: Path, *, setting: str, value_name: str) -> d
         data = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as exc:
         msg = _JSON_ERRORS_PT.get(exc.msg, exc.msg)
+        if exc.pos == len(text) - len(text.lstrip()):
+            # Fails on the very first character: not JSON at all (often a CSV or a note).
+            msg = (
+                f'o arquivo não é JSON (começa com {_snippet(text.strip(), 30)}); escreva um '
+                f'objeto como {{"<código local>": "<{value_name}>"}}'
+            )
         raise MapFileError(
             f"arquivo {path}, linha {exc.lineno}, coluna {exc.colno}: {msg}; corrija o JSON "
             f"(arquivo indicado em {setting})"
@@ -291,22 +371,40 @@ def _load_json_map(text: str, path: Path, *, setting: str, value_name: str) -> d
             f'{{"<código local>": "<{value_name}>"}}, não {_json_kind(data)}'
         )
     result: dict[str, str] = {}
+    seen: dict[str, int] = {}  # raw key -> occurrences so far, to find the right line
     for key, value in data:
+        seen[key] = seen.get(key, 0) + 1
+        where = _key_where(text, path, key, seen[key])
         if not isinstance(value, str) or not value.strip():
+            shown = json.dumps(value, ensure_ascii=False)
             raise MapFileError(
-                f'arquivo {path}, chave "{key}": o valor deve ser um texto não vazio entre '
-                f"aspas ({value_name}), veio {json.dumps(value, ensure_ascii=False)}"
+                f'{where}, chave "{key}": o valor deve ser um texto não vazio entre '
+                f"aspas ({value_name}), veio {_snippet(shown, 40)}; corrija ({setting})"
             )
         norm = normalize_code(key)
         if not norm:
-            raise MapFileError(f'arquivo {path}: chave vazia "{key}"; informe o código local')
+            raise MapFileError(
+                f'{where}: chave vazia "{key}"; informe o código local do exame ({setting})'
+            )
         if norm in result and result[norm] != value.strip():
             raise MapFileError(
-                f'arquivo {path}, chave "{key}": aparece mais de uma vez com valores '
-                f'diferentes ("{result[norm]}" e "{value.strip()}"); deixe só uma'
+                f'{where}, chave "{key}": aparece mais de uma vez com valores '
+                f'diferentes ("{result[norm]}" e "{value.strip()}"); deixe só uma ({setting})'
             )
         result[norm] = value.strip()
     return result
+
+
+def _key_where(text: str, path: Path, key: str, occurrence: int) -> str:
+    """'arquivo X, linha N' for the ``occurrence``-th appearance of ``key`` as a JSON key."""
+    forms = dict.fromkeys((json.dumps(key, ensure_ascii=False), json.dumps(key)))
+    starts: list[int] = []
+    for form in forms:
+        starts += [m.start() for m in re.finditer(re.escape(form) + r"\s*:", text)]
+    starts.sort()
+    if len(starts) < occurrence:
+        return f"arquivo {path}"
+    return f"arquivo {path}, linha {text.count(chr(10), 0, starts[occurrence - 1]) + 1}"
 
 
 def load_test_map(path: Path) -> dict[str, str]:
@@ -420,6 +518,115 @@ def load_material_map(path: Path) -> dict[str, str]:
     return _load_material_csv(text, path)
 
 
+_Stamp = tuple[int, int] | None  # (st_mtime_ns, st_size), None when the file is missing
+_MISSING = (-1, -1)
+
+
+def _stamp(path: Path) -> _Stamp:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class _WatchedMap:
+    setting: str
+    path: Path | None
+    load: Callable[[Path], dict[str, str]]
+    data: dict[str, str]
+    loaded: _Stamp = None
+    failed: _Stamp = None
+    problem: str | None = None
+    reported: bool = False
+
+
+class MapReloader:
+    """The test and material maps, read again when their file changes (no restart needed).
+
+    The files are read at construction and a bad one raises :class:`MapFileError`, so a
+    monitor never starts on a broken map. Later, :meth:`refresh` re-reads a file whose time
+    or size changed; a change that makes it unusable is logged once as ERROR (file and line)
+    and the last good version stays in use, so nothing already resolved is lost.
+    """
+
+    def __init__(self, *, test_map_path: Path | None, material_map_path: Path | None) -> None:
+        self._maps = (
+            self._watch("BEMSOFT_TEST_MAP_PATH", test_map_path, load_test_map),
+            self._watch("BEMSOFT_MATERIAL_MAP_PATH", material_map_path, load_material_map),
+        )
+
+    @staticmethod
+    def _watch(
+        setting: str, path: Path | None, load: Callable[[Path], dict[str, str]]
+    ) -> _WatchedMap:
+        if path is None:
+            return _WatchedMap(setting, None, load, {})
+        path = Path(path)
+        stamp = _stamp(path)
+        return _WatchedMap(setting, path, load, load(path), loaded=stamp)
+
+    @property
+    def test_map(self) -> dict[str, str]:
+        """Local code -> supportTestId, as last read successfully."""
+        return self._maps[0].data
+
+    @property
+    def material_map(self) -> dict[str, str]:
+        """Test code -> material hint, as last read successfully."""
+        return self._maps[1].data
+
+    @property
+    def problems(self) -> list[str]:
+        """Why a changed file is not in use (Portuguese); empty when every file is fine."""
+        return [m.problem for m in self._maps if m.problem]
+
+    def refresh(self) -> bool:
+        """Re-read the files that changed; True when a map in use changed."""
+        changed = False
+        for watched in self._maps:
+            changed = self._refresh_one(watched) or changed
+        return changed
+
+    @staticmethod
+    def _refresh_one(watched: _WatchedMap) -> bool:
+        if watched.path is None:
+            return False
+        stamp = _stamp(watched.path) or _MISSING
+        if stamp == watched.loaded:
+            if watched.problem is not None:
+                watched.problem, watched.failed, watched.reported = None, None, False
+                log.info("%s: arquivo %s voltou à versão em uso", watched.setting, watched.path)
+            return False
+        if stamp == watched.failed:
+            # Still broken and no longer being written: now it is worth an ERROR.
+            if not watched.reported:
+                watched.reported = True
+                log.error(
+                    "%s não recarregado: %s; continua valendo a versão anterior (%d linhas)",
+                    watched.setting,
+                    watched.problem,
+                    len(watched.data),
+                )
+            return False
+        try:
+            data = watched.load(watched.path)
+        except MapFileError as exc:
+            # Reported on the next check only if it stays like this: an editor saving the
+            # file may be caught half-way, and that is no reason for an alarm.
+            watched.failed, watched.problem, watched.reported = stamp, str(exc), False
+            return False
+        watched.loaded, watched.failed, watched.problem, watched.reported = stamp, None, None, False
+        if data == watched.data:
+            return False
+        watched.data = data
+        log.info(
+            "%s recarregado: %s (%d linhas)", watched.setting, watched.path, len(watched.data)
+        )
+        return True
+
+
 # --- the catalogue ----------------------------------------------------------------------------
 
 
@@ -429,7 +636,11 @@ class Catalog:
     __slots__ = ("_by_id", "_entries", "_keys")
 
     def __init__(self, entries: Sequence[CatalogEntry]) -> None:
-        unique = tuple(dict.fromkeys(entries))
+        # One entry per (test, specimen): two names for the same pair are not two variants.
+        first: dict[tuple[str, str], CatalogEntry] = {}
+        for entry in entries:
+            first.setdefault(_variant_key(entry), entry)
+        unique = tuple(first.values())
         by_id: dict[str, list[CatalogEntry]] = {}
         for entry in unique:
             by_id.setdefault(normalize_code(entry.test_id), []).append(entry)
@@ -771,7 +982,10 @@ class CatalogCache:
         try:
             entries = list(self._fetch())
             if not entries:
-                raise CatalogFormatError("GET /tests devolveu um catálogo vazio")
+                raise CatalogFormatError(
+                    "GET /tests devolveu um catálogo vazio (nenhum exame na lista); confira "
+                    "BEMSOFT_TESTS_ENDPOINT e se o token tem acesso ao catálogo do laboratório"
+                )
             catalog = Catalog(entries)
         except Exception as exc:
             self._last_attempt_failed = True

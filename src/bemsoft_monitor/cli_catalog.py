@@ -34,7 +34,7 @@ from .mapping import (
     check_codes,
     count_by_status,
     describe_entry,
-    explain_local_code,
+    explain_code,
     has_problems,
     merge_code_rows,
     render_csv,
@@ -97,7 +97,7 @@ def _age(seconds: float | None) -> str:
 
 def _cache(settings: Settings) -> CatalogCache:
     """The persisted copy (loaded now) with the configured client as its source."""
-    from .app import build_client
+    from .app import build_client  # noqa: PLC0415 - the engine stack loads only when needed
 
     return CatalogCache(
         fetch=build_client(settings).fetch_catalog,
@@ -223,7 +223,7 @@ def catalog_search(
     """
     settings = settings_or_exit()
     configure_logging(settings)
-    _cache_, catalog = _catalog_or_sync(settings)
+    catalog = _catalog_or_sync(settings)[1]
     found = catalog.search(text, limit=limit + 1)
     if not found:
         raise _fail(f"nenhum exame do catálogo com id ou nome contendo {text!r}")
@@ -249,7 +249,7 @@ def catalog_show(
     """
     settings = settings_or_exit()
     configure_logging(settings)
-    _cache_, catalog = _catalog_or_sync(settings)
+    catalog = _catalog_or_sync(settings)[1]
     resolver = _resolver(settings, catalog)
     wanted = code.strip()
     mapped = resolver.test_map.get(wanted.casefold())
@@ -266,10 +266,9 @@ def catalog_show(
         names = ", ".join(f"{e.test_id} ({e.name})" for e in similar)
         out.print(Text(f"{wanted} não é um id do catálogo da Bemsoft"
                        + (f"; parecidos: {names}" if names else "")))
-    line = explain_local_code(wanted, resolver)
-    resolution_ok = " → material " in line and " → recusado:" not in line
-    out.print(Text(line, style="green" if resolution_ok else "yellow"))
-    raise typer.Exit(RET_OK if resolution_ok else RET_ERROR)
+    line, resolution = explain_code(wanted, resolver)
+    out.print(Text(line, style="green" if resolution.ok else "yellow"))
+    raise typer.Exit(RET_OK if resolution.ok else RET_ERROR)
 
 
 # --- mapping ----------------------------------------------------------------------------------
@@ -284,8 +283,9 @@ def _since(settings: Settings, days: int) -> dt.datetime | None:
 
 
 def _read_codes(settings: Settings, since: dt.datetime | None) -> list[dict[str, object]]:
-    from .dbconn import lis_schema, lis_url, make_engine
-    from .source import LisSource, install_sqlite_functions, lis_tables
+    # Database drivers load only for the command that reads the LIS.
+    from .dbconn import lis_schema, lis_url, make_engine  # noqa: PLC0415
+    from .source import LisSource, install_sqlite_functions, lis_tables  # noqa: PLC0415
 
     try:
         engine = make_engine(lis_url(settings), settings=settings)
@@ -365,11 +365,12 @@ def mapping_check(
     configure_logging(settings)
     test_map, material_map = _maps(settings)  # bad files stop here, before any network
     cache = _cache(settings)
-    if sync or cache.catalog is None:
-        if not cache.refresh():
-            kept = (f"usando a cópia de {_when(cache.loaded_at)}" if cache.catalog is not None
-                    else "sem catálogo, nenhum código pode ser conferido")
-            err_console.print(f"! {cache.last_error}; {kept}", highlight=False, markup=False)
+    # As the monitor would: a copy older than BEMSOFT_TESTS_TTL is fetched again first.
+    fresh = cache.refresh() if sync else (cache.refresh_if_stale() or cache.catalog is not None)
+    if not fresh:
+        kept = (f"usando a cópia de {_when(cache.loaded_at)}" if cache.catalog is not None
+                else "sem catálogo, nenhum código pode ser conferido")
+        err_console.print(f"! {cache.last_error}; {kept}", highlight=False, markup=False)
     resolver = Resolver(catalog=cache.catalog, test_map=test_map, material_map=material_map,
                         code_source=settings.test_code_source,
                         variant_policy=settings.bemsoft_variant_policy, dry_run=False)
@@ -406,4 +407,4 @@ def mapping_check(
     raise typer.Exit(RET_OK)
 
 
-__all__ = ["catalog_app", "mapping_app", "out", "describe_entry"]
+__all__ = ["catalog_app", "describe_entry", "mapping_app", "out"]

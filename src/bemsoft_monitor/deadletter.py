@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import datetime as dt
 import json
 import os
@@ -16,10 +18,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 def ensure_private_dir(path: Path) -> Path:
     """Create the folder readable by the owner only (patient data lives there)."""
     path.mkdir(parents=True, exist_ok=True)
-    try:
+    with contextlib.suppress(OSError):  # Windows ACLs or a foreign owner
         os.chmod(path, 0o700)
-    except OSError:  # pragma: no cover - Windows ACLs or foreign owner
-        pass
     return path
 
 
@@ -99,8 +99,6 @@ def excel_safe(value: object) -> str:
 
 def append_refused_report(path: Path, rows: list[dict[str, str]]) -> None:
     """Append refused items to the CSV report (``;`` and UTF-8 with BOM, as Excel expects)."""
-    import csv
-
     if not rows:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

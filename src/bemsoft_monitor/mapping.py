@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .deadletter import excel_safe
 from .catalog import Resolution, Resolver, normalize_code, normalize_material
+from .deadletter import excel_safe
 from .models import CatalogEntry, LisItem
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "count_by_status",
     "csv_row",
     "describe_entry",
+    "explain_code",
     "explain_local_code",
     "has_problems",
     "merge_code_rows",
@@ -175,9 +176,10 @@ def _opt_int(value: object) -> int | None:
     if value is None or isinstance(value, bool):
         return None
     try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        number: int = int(value)  # type: ignore[call-overload]  # int, Decimal, text
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number
 
 
 def _opt_dt(value: object) -> dt.datetime | None:
@@ -291,8 +293,8 @@ def _matches(hint: str, entry: CatalogEntry) -> bool:
     wanted_id, wanted_name = normalize_code(hint), normalize_material(hint)
     return (normalize_code(entry.specimen_id) == wanted_id
             or normalize_material(entry.specimen_id) == wanted_name
-            or bool(entry.specimen_name)
-            and normalize_material(entry.specimen_name) == wanted_name)
+            or (bool(entry.specimen_name)
+                and normalize_material(entry.specimen_name) == wanted_name))
 
 
 def _suggestions(usage: CodeUsage, resolver: Resolver) -> str:
@@ -308,13 +310,13 @@ def _suggestions(usage: CodeUsage, resolver: Resolver) -> str:
     return ""
 
 
-def explain_local_code(code: str, resolver: Resolver) -> str:
-    """One line: 'código local X → supportTestId Y → material Z', or the refusal reason."""
+def explain_code(code: str, resolver: Resolver) -> tuple[str, Resolution]:
+    """How a local code would be sent: the one-line explanation and the resolution itself."""
     shown = code.strip()
     resolution = resolver.resolve(LisItem(item_id=0, requisition_id=0, conv_code=shown,
                                           exam_code=shown))
     if not shown:
-        return f"código local vazio → recusado: {resolution.refusal}"
+        return f"código local vazio → recusado: {resolution.refusal}", resolution
     mapped = resolver.test_map.get(normalize_code(shown))
     support = mapped or shown.upper()
     origin = " (pelo mapa BEMSOFT_TEST_MAP_PATH)" if mapped else ""
@@ -323,8 +325,13 @@ def explain_local_code(code: str, resolver: Resolver) -> str:
         chosen = next((v for v in resolution.variants
                        if v.specimen_id == resolution.specimen_id), None)
         material = describe_entry(chosen) if chosen else resolution.specimen_id
-        return f"{head} → material {material}"
-    return f"{head} → recusado: {resolution.refusal}"
+        return f"{head} → material {material}", resolution
+    return f"{head} → recusado: {resolution.refusal}", resolution
+
+
+def explain_local_code(code: str, resolver: Resolver) -> str:
+    """One line: 'código local X → supportTestId Y → material Z', or the refusal reason."""
+    return explain_code(code, resolver)[0]
 
 
 # --- summary and export ----------------------------------------------------------------------
