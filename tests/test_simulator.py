@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import signal
@@ -542,3 +543,68 @@ def test_serve_prints_url_and_stops_cleanly_on_sigterm() -> None:
             process.kill()
     assert process.returncode == 0
     assert "Simulador parado." in remaining
+
+
+# ------------------------------------------------------------ --catalog FILE, start errors
+
+
+def _run_simulator_module(*args: str) -> subprocess.CompletedProcess[str]:
+    src_dir = Path(simulator_module.__file__).resolve().parents[1]
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(src_dir), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "bemsoft_monitor.simulator", *args],
+                          capture_output=True, text=True, env=env, timeout=30, check=False)
+
+
+def test_catalog_file_is_served_instead_of_the_sample(tmp_path: Path) -> None:
+    entries = [{"id": "LAB1", "name": "EXAME DO LAB", "specimen": {"id": "SORO", "name": "Soro"}},
+               {"id": "LAB1", "name": "EXAME DO LAB (URINA)",
+                "specimen": {"id": "URINA", "name": "Urina"}}]
+    path = tmp_path / "catalogo.json"
+    path.write_text('\ufeff{"tests": ' + json.dumps(entries) + "}",
+                    encoding="utf-8")
+    with Simulator(token=TOKEN, catalog_path=path) as sim:
+        served = requests.get(f"{sim.url}/tests", headers=auth(), timeout=5).json()
+    assert served == {"tests": entries}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"tests": [\n  {"id": "FE",\n}', "linha 3, coluna 1"),
+        ('{"tests": [{"id": "FE"}]}', "tests[0].specimen"),
+        ('{"tests": [{"id": " ", "specimen": {"id": "SORO"}}]}', "tests[0].id"),
+        ('{"exames": []}', 'esperado {"tests": [...]}'),
+        ('{"tests": []}', "vazia"),
+    ],
+)
+def test_unusable_catalog_file_is_one_clear_line_and_exit_2(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = tmp_path / "catalogo.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        simulator_module.load_catalog_file(path)
+    proc = _run_simulator_module("--port", "0", "--catalog", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert expected in proc.stderr and "catalogo.json" in proc.stderr
+
+
+def test_port_in_use_is_one_clear_line_and_exit_2() -> None:
+    with Simulator(token=TOKEN) as busy:
+        proc = _run_simulator_module("--port", str(busy.port))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"127.0.0.1:{busy.port}" in proc.stderr and "--port" in proc.stderr
+
+
+def test_saved_listing_is_read_only(sim: Simulator) -> None:
+    assert post_order(sim, make_order(), key="k").status_code == 201
+    before = requests.get(f"{sim.url}/saved", timeout=5).json()
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        response = requests.request(method, f"{sim.url}/saved", json={"tests": []}, timeout=5)
+        assert response.status_code == 405, method
+        assert "não permitido" in response.json()["message"]
+    assert requests.get(f"{sim.url}/saved", timeout=5).json() == before
+    assert before["count"] == 2

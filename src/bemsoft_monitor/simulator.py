@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import struct
+import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -24,12 +25,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "DEFAULT_TOKEN",
     "FAULT_KINDS",
     "Simulator",
+    "load_catalog_file",
     "load_catalog_sample",
     "main",
     "serve",
@@ -69,6 +71,40 @@ def _catalog_tests(data: Any, *, origin: str) -> list[dict[str, Any]]:
     tests = data.get("tests") if isinstance(data, dict) else data
     if not isinstance(tests, list) or not all(isinstance(t, dict) for t in tests):
         raise ValueError(f'Catálogo inválido em {origin}: esperado {{"tests": [...]}}')
+    return tests
+
+
+def load_catalog_file(path: Path) -> list[dict[str, Any]]:
+    """A ``--catalog`` file, checked entry by entry; ValueError in Portuguese when unusable.
+
+    Unlike :meth:`Simulator.set_catalog` (which tests use to serve odd catalogues on
+    purpose), a file a person wrote is checked so that a typo is reported, not served.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"arquivo de catálogo não encontrado: {path}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"arquivo de catálogo {path} não está em UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"não foi possível ler o catálogo {path} ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"catálogo {path}: JSON inválido na linha {exc.lineno}, coluna {exc.colno} "
+            f"({exc.msg})"
+        ) from None
+    tests = _catalog_tests(data, origin=str(path))
+    for index, test in enumerate(tests):
+        where = f"catálogo {path}: tests[{index}]"
+        if not _is_text(test.get("id")):
+            raise ValueError(f"{where}.id: deve ser um texto não vazio")
+        specimen = test.get("specimen")
+        if not isinstance(specimen, dict) or not _is_text(specimen.get("id")):
+            raise ValueError(f'{where}.specimen: esperado {{"id": "...", "name": "..."}}')
+    if not tests:
+        raise ValueError(f"catálogo {path}: a lista tests está vazia")
     return tests
 
 
@@ -313,10 +349,7 @@ class Simulator:
         if catalog is not None:
             tests = list(catalog)
         elif catalog_path is not None:
-            tests = _catalog_tests(
-                json.loads(Path(catalog_path).read_text(encoding="utf-8")),
-                origin=str(catalog_path),
-            )
+            tests = load_catalog_file(Path(catalog_path))
         else:
             tests = load_catalog_sample()
         self._lock = threading.Lock()
@@ -732,15 +765,22 @@ def serve(
     extid_max: int,
     latency_s: float,
 ) -> None:
-    """Run the simulator in the foreground until Ctrl+C or SIGTERM."""
-    sim = Simulator(
-        host=host,
-        port=port,
-        token=token,
-        catalog_path=catalog_path,
-        extid_max=extid_max,
-        latency_s=latency_s,
-    )
+    """Run the simulator in the foreground until Ctrl+C or SIGTERM.
+
+    A catalogue file that cannot be used or a port already taken is one Portuguese line
+    on stderr and exit code 2, not a traceback.
+    """
+    try:
+        sim = Simulator(
+            host=host,
+            port=port,
+            token=token,
+            catalog_path=catalog_path,
+            extid_max=extid_max,
+            latency_s=latency_s,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
     stop_requested = threading.Event()
     previous: Any = None
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -748,13 +788,24 @@ def serve(
     def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         stop_requested.set()
 
+    try:
+        sim.start()
+    except OSError as exc:
+        _fail(
+            f"não foi possível escutar em {host}:{port} ({exc.strerror or exc}); a porta já "
+            "está em uso? Escolha outra com --port (0 = uma porta livre)"
+        )
     if in_main_thread:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    sim.start()
     print(f"Simulador Bemsoft ouvindo em {sim.url}", flush=True)
     print(f"Token: {token}", flush=True)
     print(
         f"Catálogo: {len(sim.catalog())} exames; limite de externalId: {extid_max} caracteres",
+        flush=True,
+    )
+    print(
+        "Rotas: GET /tests, POST /requests, GET /saved (o que foi salvo, só leitura), "
+        "GET /_sim/calls",
         flush=True,
     )
     print("Ctrl+C para parar.", flush=True)
@@ -768,6 +819,11 @@ def serve(
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
         print("Simulador parado.", flush=True)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"✗ Simulador: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
