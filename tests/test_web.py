@@ -345,7 +345,12 @@ def test_unknown_requisition_is_404_and_non_numeric_is_400(env: Env) -> None:
     r = h.get(env.url + "/requisicao/424242")
     assert r.status_code == 404 and "Solicitação não encontrada" in r.text
     assert h.get(env.url + "/requisicao/12abc").status_code == 400
-    assert h.get(env.url + "/busca?numero=abc").status_code == 400
+    r = h.get(env.url + "/busca?numero=abc")
+    assert r.status_code == 400 and "“abc” não é um número de solicitação" in r.text
+    r = h.get(env.url + "/busca?numero=")
+    assert r.status_code == 400 and "Informe o número da solicitação" in r.text
+    r = h.put(env.url + "/pendencias")
+    assert r.status_code == 501 and "O painel não entendeu esta requisição" in r.text
     r = h.get(env.url + "/busca?numero=1", allow_redirects=False)
     assert r.status_code == 303 and r.headers["Location"] == "/requisicao/1"
     assert h.post(env.url + "/pedido/abc/reenviar",

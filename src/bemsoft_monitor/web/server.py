@@ -255,6 +255,11 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.1"
     timeout = 30
+    # The stdlib's own answers (malformed request, unsupported method) in Portuguese too.
+    error_message_format = (
+        '<!doctype html><html lang="pt-BR"><head><meta charset="utf-8"><title>Erro '
+        '%(code)d</title></head><body><h1>Erro %(code)d</h1><p>O painel não entendeu esta '
+        'requisição.</p><p><a href="/">Voltar à visão geral</a></p></body></html>')
 
     # --- plumbing ----------------------------------------------------------------------
     @property
@@ -392,6 +397,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._page(200, "visao_geral.html", session, **self.painel.overview())
         elif path == "/busca":
             numero = query.get("numero", "").strip()
+            if not numero:
+                self._error(400, "Número ausente",
+                            "Informe o número da solicitação (CodSolicitacao), ex.: 12345.",
+                            session)
+                return
             if not _DIGITS.match(numero):
                 self._error(400, "Número inválido",
                             f"“{numero}” não é um número de solicitação (CodSolicitacao); "
