@@ -1,20 +1,29 @@
-"""Command line: ``bemsoft-monitor run | retry | status | check | catalog | mapping | simulator | demo``."""
+"""Command line: ``bemsoft-monitor run | retry | status | check | catalog | mapping | simulator
+| demo``."""
 
 from __future__ import annotations
 
 import logging
+import re
 import signal
-import sys
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 
 from . import __version__
 from .config import Settings, load_settings
 from .errors import ConfigError
+
+try:  # recent Typer vendors Click; older ones depend on it
+    from typer import _click as click_api
+except ImportError:  # pragma: no cover - depends on the installed Typer
+    import click as click_api  # type: ignore[no-redef]
 
 RET_OK = 0
 RET_ERROR = 1
@@ -185,15 +194,18 @@ def _stop_services(services: list[Any]) -> None:
 
 @app.command()
 def simulator(
-    port: Annotated[int, typer.Option(help="Porta (0 = livre).")] = 8080,
-    host: Annotated[str, typer.Option(help="Endereço de escuta.")] = "127.0.0.1",
-    token: Annotated[str, typer.Option(help="Token Bearer aceito.")] = "sim-token",
-    catalog: Annotated[Path | None, typer.Option("--catalog",
-                                                 help="Arquivo JSON no formato de GET /tests.")]
-    = None,
-    extid_max: Annotated[int, typer.Option("--extid-max", help="Tamanho máximo de externalId.")]
-    = 20,
-    latency: Annotated[float, typer.Option(help="Latência fixa por POST, em segundos.")] = 0.0,
+    *,
+    port: Annotated[int, typer.Option(metavar="PORTA", help="Porta (0 = livre).")] = 8080,
+    host: Annotated[str, typer.Option(metavar="ENDEREÇO", help="Endereço de escuta.")]
+    = "127.0.0.1",
+    token: Annotated[str, typer.Option(metavar="TOKEN", help="Token Bearer aceito.")]
+    = "sim-token",  # noqa: S107 - the simulator's documented test token, not a secret
+    catalog: Annotated[Path | None, typer.Option(
+        "--catalog", metavar="ARQUIVO", help="Arquivo JSON no formato de GET /tests.")] = None,
+    extid_max: Annotated[int, typer.Option("--extid-max", metavar="N",
+                                           help="Tamanho máximo de externalId.")] = 20,
+    latency: Annotated[float, typer.Option(metavar="SEGUNDOS",
+                                           help="Latência fixa por POST, em segundos.")] = 0.0,
 ) -> None:
     """Simulador local da API Bemsoft (GET /tests, POST /requests, GET /saved)."""
     from .simulator import serve
@@ -207,13 +219,115 @@ def simulator(
 
 @app.command()
 def demo(
-    folder: Annotated[Path, typer.Option("--dir", help="Pasta da demonstração.")] =
+    folder: Annotated[Path, typer.Option("--dir", metavar="PASTA",
+                                         help="Pasta da demonstração.")] =
     Path("demo_run"),
 ) -> None:
     """Demonstração completa: LIS SQLite de exemplo + simulador local, nada a configurar."""
     from .demo import run_demo
 
     raise typer.Exit(run_demo(folder))
+
+
+# --- help in Portuguese ---------------------------------------------------------------------
+# Click and Typer write a few fixed English words into every help page ("Usage:", "Options",
+# "Show this message and exit.", "[default: 8080]", type names as metavars). They offer no
+# catalogue for pt-BR, but Click lets a command choose its help formatter: this one writes
+# the same layout with those words in Portuguese.
+
+_SECTIONS = {"Options": "Opções", "Commands": "Comandos", "Arguments": "Argumentos"}
+_USAGE_WORDS = (("[OPTIONS]", "[OPÇÕES]"), ("COMMAND [ARGS]...", "COMANDO [ARGS]..."))
+_HELP_TEXT = {"Show this message and exit.": "Mostra esta ajuda e sai."}
+#: Metavars Typer (``<int>``) or Click (``INTEGER``) derive from a type, in Portuguese.
+_TYPE_METAVARS = {
+    "<int range>": "N", "<float range>": "NÚMERO", "<int>": "N", "<float>": "NÚMERO",
+    "<str>": "TEXTO", "<path>": "CAMINHO", "<bool>": "SIM/NÃO",
+    "INTEGER RANGE": "N", "FLOAT RANGE": "NÚMERO", "INTEGER": "N", "FLOAT": "NÚMERO",
+    "TEXT": "TEXTO", "PATH": "CAMINHO", "FILE": "ARQUIVO", "DIRECTORY": "PASTA",
+    "BOOLEAN": "SIM/NÃO",
+}
+_METAVAR = re.compile("|".join(re.escape(k) for k in sorted(_TYPE_METAVARS, key=len,
+                                                               reverse=True)))
+_EXTRAS = re.compile(r"\s*\[(?P<extras>[^\[\]]*)\]\s*$")
+_RANGE = re.compile(r"^(?:(?P<lo>[-\d.]+)(?P<lo_op><=?))?x"
+                    r"(?:(?P<hi_op>[<>]=?)(?P<hi>[-\d.]+))?$")
+
+
+def _range_pt(text: str) -> str | None:
+    """'x>=1' → 'mínimo 1', '1<=x<=5' → 'de 1 a 5'; None when ``text`` is not a range."""
+    m = _RANGE.match(text)
+    if m is None or (m["lo"] is None and m["hi"] is None):
+        return None
+    lo, hi, op = m["lo"], m["hi"], m["hi_op"]
+    if lo is not None and hi is not None:
+        return f"de {lo} a {hi}"
+    if lo is not None:
+        return f"mínimo {lo}" if m["lo_op"] == "<=" else f"maior que {lo}"
+    return {">=": f"mínimo {hi}", ">": f"maior que {hi}", "<=": f"máximo {hi}",
+            "<": f"menor que {hi}"}.get(op, text)
+
+
+def _extra_pt(part: str) -> str:
+    for english, portuguese in (("default: ", "padrão: "), ("env var: ", "variável: ")):
+        if part.startswith(english):
+            value = part[len(english):]
+            return portuguese + ("(calculado)" if value == "(dynamic)" else value)
+    if part == "required":
+        return "obrigatório"
+    return _range_pt(part) or part
+
+
+def help_text_pt(text: str) -> str:
+    """One option's help with Click's fixed words (and its ``[extras]``) in Portuguese."""
+    text = _HELP_TEXT.get(text, text)
+    m = _EXTRAS.search(text)
+    if m is None:
+        return text
+    extras = "; ".join(_extra_pt(p.strip()) for p in m["extras"].split(";"))
+    return f"{text[:m.start()]}  [{extras}]"
+
+
+def metavars_pt(text: str) -> str:
+    """Type-derived metavars (``<int>``, ``PATH``) in Portuguese."""
+    return _METAVAR.sub(lambda m: _TYPE_METAVARS[m.group(0)], text)
+
+
+class PtHelpFormatter(click_api.HelpFormatter):
+    """Click's help layout with its fixed English words in Portuguese."""
+
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        for english, portuguese in _USAGE_WORDS:
+            args = args.replace(english, portuguese)
+        super().write_usage(prog, metavars_pt(args), "Uso: " if prefix is None else prefix)
+
+    @contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        with super().section(_SECTIONS.get(name, name)):
+            yield
+
+    def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30,
+                 col_spacing: int = 2) -> None:
+        super().write_dl([(metavars_pt(term), help_text_pt(text)) for term, text in rows],
+                         col_max=col_max, col_spacing=col_spacing)
+
+
+class PtContext(click_api.Context):
+    """A context whose help pages are written by :class:`PtHelpFormatter`."""
+
+    formatter_class = PtHelpFormatter
+
+
+def localized_command(command: Any) -> Any:
+    """The Click command tree of the app with every command's help in Portuguese."""
+    command.context_class = PtContext
+    for sub in getattr(command, "commands", {}).values():
+        localized_command(sub)
+    return command
+
+
+def cli_command() -> Any:
+    """The app as a Click command, help in Portuguese (what the entry points run)."""
+    return localized_command(typer.main.get_command(app))
 
 
 def main(argv: list[str] | None = None) -> None:

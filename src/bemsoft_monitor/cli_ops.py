@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +45,8 @@ except ImportError:  # pragma: no cover - depends on the installed Typer
 
 log = logging.getLogger(__name__)
 out = Console(highlight=False, soft_wrap=True)  # one line per result, never wrapped
+
+RET_INTERRUPTED = 130
 
 #: From this many files on, ``retry`` shows a progress bar instead of one line per file.
 PROGRESS_FROM = 10
@@ -76,8 +81,9 @@ def _retry_files_to_process(settings: Settings, folder: Path | None, files: list
     if files:
         missing = [f for f in files if not f.is_file()]
         for f in missing:
-            err_console.print(f"✗ arquivo não encontrado: {f} (confira o caminho em --file)",
-                              highlight=False, markup=False)
+            problem = (f"{f} é uma pasta (use --dir {f})" if f.is_dir() else
+                       f"arquivo não encontrado: {f} (confira o caminho em --file)")
+            err_console.print(f"✗ {problem}", highlight=False, markup=False, soft_wrap=True)
         if missing:
             raise typer.Exit(RET_CONFIG)
         chosen = list(files)
@@ -191,28 +197,38 @@ def _refused_table(title: str, rows: list[Any], verbose: bool) -> Table:
 
 @app.command()
 def retry(
+    *,
     folder: Annotated[Path | None, typer.Option(
-        "--dir", help="Pasta com os eventos com falha (padrão: FAILED_DIR do .env).")] = None,
+        "--dir", metavar="PASTA",
+        help="Pasta com os eventos com falha (padrão: FAILED_DIR do .env).")] = None,
     files: Annotated[list[Path] | None, typer.Option(
-        "--file", help="Um arquivo específico (pode repetir).")] = None,
+        "--file", metavar="ARQUIVO", help="Um arquivo específico (pode repetir).")] = None,
     send: Annotated[bool, typer.Option(
         "--send", help="Envia de fato (ignora BEMSOFT_DRY_RUN neste processo). Sem ele, "
                        "só mostra o que seria feito.")] = False,
     move_ok: Annotated[Path | None, typer.Option(
-        "--move-ok", help="Move para esta pasta os arquivos entregues (ou que já estavam "
-                          "entregues).")] = None,
+        "--move-ok", metavar="PASTA",
+        help="Move para esta pasta os arquivos entregues (ou que já estavam entregues).")]
+    = None,
     limit: Annotated[int | None, typer.Option(
-        "--limit", min=1, help="Processa no máximo N arquivos (os mais antigos).")] = None,
+        "--limit", min=1, metavar="N",
+        help="Processa no máximo N arquivos (os mais antigos).")] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Mostra payload e resposta de cada envio (dados do paciente "
                                 "mascarados, salvo LOG_PII=1).")] = False,
     refused: Annotated[bool, typer.Option(
         "--refused", help="Reprocessa os itens recusados (após corrigir o mapeamento ou o "
                           "catálogo) em vez dos arquivos de FAILED_DIR.")] = False,
+    conferir: Annotated[bool, typer.Option(
+        "--conferir", help="Reenvia também os pedidos em CONFERIR, com nova Idempotency-Key. "
+                           "Use só depois de confirmar no portal da Bemsoft que o pedido NÃO "
+                           "está lá (senão ele seria cobrado duas vezes).")] = False,
 ) -> None:
     """Reenvia eventos com falha (FAILED_DIR) ou itens recusados; simulação por padrão."""
-    if refused and (folder is not None or files or move_ok is not None or limit is not None):
-        raise _fail("--refused não se combina com --dir, --file, --move-ok ou --limit")
+    if refused and (folder is not None or files or move_ok is not None or limit is not None
+                    or conferir):
+        raise _fail("--refused não se combina com --dir, --file, --move-ok, --limit ou "
+                    "--conferir")
     if folder is not None and files:
         raise _fail("use --dir ou --file, não os dois")
     settings = settings_or_exit(**({"bemsoft_dry_run": False} if send else {}))
@@ -241,13 +257,14 @@ def retry(
         except sa.exc.SQLAlchemyError as exc:
             raise _db_problem(settings, exc) from None
         retrier = ops.FileRetrier(monitor=monitor, send=send, move_ok=move_ok if send else None,
-                                  verbose=verbose, state_ready=ready)
+                                  verbose=verbose, state_ready=ready, conferir=conferir)
         log.info("reenvio iniciado: %d arquivo(s) de %s (%s)", len(paths), where,
                  "envio real" if send else "simulação")
         one_by_one = verbose or len(paths) < PROGRESS_FROM
         if not send:
             out.print(f"Simulação (nada será enviado): {len(paths)} arquivo(s) de {where}. "
-                      "Use --send para enviar.")
+                      "Use --send para enviar"
+                      + (" (--move-ok só move arquivos com --send)." if move_ok else "."))
         try:
             if one_by_one:
                 summary = ops.retry_files(paths, retrier, on_row=_print_row, stop=stop)
@@ -271,7 +288,7 @@ def retry(
     if retrier.token_problem:
         err_console.print(f"✗ token recusado pela Bemsoft: {retrier.token_problem}; corrija "
                           "BEMSOFT_TOKEN no .env", highlight=False, markup=False)
-    if summary.failed:
+    if send and summary.failed:
         raise typer.Exit(RET_ERROR)
     raise typer.Exit(RET_OK)
 
@@ -390,45 +407,127 @@ def check(
 # --- entry point ---------------------------------------------------------------------------
 
 
-def _usage_message(exc: click.UsageError) -> str:
-    """One Portuguese line for a command-line mistake (click's text is English)."""
+#: Pydantic's validation error types (Typer converts option values with it), in Portuguese.
+_VALUE_PROBLEMS: dict[str, str] = {
+    "int_parsing": "{input!r} não é um número inteiro",
+    "int_from_float": "{input!r} não é um número inteiro",
+    "int_type": "{input!r} não é um número inteiro",
+    "float_parsing": "{input!r} não é um número (use ponto: 0.5)",
+    "float_type": "{input!r} não é um número (use ponto: 0.5)",
+    "bool_parsing": "{input!r} não é sim/não (use 1 ou 0)",
+    "greater_than_equal": "precisa ser no mínimo {ge} (recebido: {input})",
+    "greater_than": "precisa ser maior que {gt} (recebido: {input})",
+    "less_than_equal": "precisa ser no máximo {le} (recebido: {input})",
+    "less_than": "precisa ser menor que {lt} (recebido: {input})",
+    "enum": "{input!r} não é uma das opções: {expected}",
+    "literal_error": "{input!r} não é uma das opções: {expected}",
+}
+
+
+def _value_problem(exc: click.BadParameter) -> str:
+    """Why a value was refused, from the structured validation error when there is one."""
+    cause = exc.__cause__
+    errors = getattr(cause, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            template = _VALUE_PROBLEMS.get(str(first.get("type")))
+            if template is not None:
+                return template.format(input=first.get("input"), **(first.get("ctx") or {}))
+        except (IndexError, KeyError, TypeError, ValueError):
+            pass
+    return exc.message
+
+
+def _param_name(param: Any) -> str:
+    if param is None:
+        return "parâmetro"
+    if getattr(param, "param_type_name", "") == "argument":
+        return str(param.metavar or param.name or "argumento").upper()
+    return str(param.opts[0]) if param.opts else str(param.name)
+
+
+def _quoted(text: str) -> list[str]:
+    return re.findall(r"'([^']*)'", text)
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """One Portuguese line for a command-line mistake (Click's text is English)."""
+    text = exc.message
     if isinstance(exc, click.NoSuchOption):
-        text = f"opção desconhecida: {exc.option_name}"
+        line = f"opção desconhecida: {exc.option_name}"
         if exc.possibilities:
-            text += f" (quis dizer {' ou '.join(sorted(exc.possibilities))}?)"
-        return text
+            line += f" (quis dizer {' ou '.join(sorted(exc.possibilities))}?)"
+        return line
+    if isinstance(exc, click.BadOptionUsage):
+        if "does not take a value" in text:
+            return f"a opção {exc.option_name} não recebe valor (use só {exc.option_name})"
+        if "requires" in text:
+            return f"a opção {exc.option_name} precisa de um valor"
+        return f"uso incorreto da opção {exc.option_name}"
     if isinstance(exc, click.MissingParameter):
-        name = exc.param.opts[0] if exc.param is not None and exc.param.opts else "parâmetro"
-        return f"falta {name}"
+        param = exc.param
+        what = "o argumento" if getattr(param, "param_type_name", "") == "argument" \
+            else "a opção"
+        return f"falta {what} {_param_name(param)}"
     if isinstance(exc, click.BadParameter):
-        hint = exc.param_hint or (exc.param.opts[0] if exc.param is not None and exc.param.opts
-                                  else "parâmetro")
+        hint = exc.param_hint
         if isinstance(hint, (list, tuple)):
             hint = " / ".join(hint)
-        return f"valor inválido para {hint}: {exc.message}"
-    text = exc.format_message()
+        return f"valor inválido para {hint or _param_name(exc.param)}: {_value_problem(exc)}"
     if text.startswith("No such command"):
-        return "comando desconhecido: " + text.split("'")[1] if "'" in text else text
-    if "requires an argument" in text:
-        return f"a opção {text.split()[1]} precisa de um valor"
+        names = _quoted(text)
+        line = f"comando desconhecido: {names[0] if names else text}"
+        if len(names) > 1:
+            line += f" (quis dizer {' ou '.join(names[1:])}?)"
+        return line
+    if text.startswith("Missing command"):
+        return "falta o comando"
+    if text.startswith("Got unexpected extra argument"):
+        found = re.search(r"\(([^()]*)\)\s*$", text)
+        extra = found.group(1) if found else text
+        return f"argumento a mais: {extra} (as opções começam com --)"
     return f"uso incorreto: {text}"
+
+
+def _command_path(root: Any, argv: Sequence[str]) -> str:
+    """The sub-command the arguments name (for errors Click raises without a context)."""
+    parts = ["bemsoft-monitor"]
+    command = root
+    for token in argv:
+        if token.startswith("-"):
+            continue
+        sub = getattr(command, "commands", {}).get(token)
+        if sub is None:
+            break
+        parts.append(token)
+        command = sub
+    return " ".join(parts)
 
 
 def run_app(argv: list[str] | None = None) -> None:
     """Run the CLI; usage mistakes give one Portuguese line and exit 2 (not click's 3 lines)."""
-    import sys
+    from .cli import cli_command
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = cli_command()
     try:
-        rc = app(args=argv, prog_name="bemsoft-monitor", standalone_mode=False)
+        rc = command.main(args=args, prog_name="bemsoft-monitor", standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:  # a group without its sub-command: its help
+        err_console.print(exc.ctx.get_help() if exc.ctx is not None else exc.message,
+                          highlight=False, markup=False, soft_wrap=True)
+        sys.exit(RET_CONFIG)
     except click.UsageError as exc:
-        path = exc.ctx.command_path if exc.ctx is not None else "bemsoft-monitor"
-        err_console.print(f"✗ {_usage_message(exc)}; veja '{path} --help'", highlight=False,
+        path = exc.ctx.command_path if exc.ctx is not None else _command_path(command, args)
+        err_console.print(f"✗ {usage_message(exc)}; veja '{path} --help'", highlight=False,
                           markup=False, soft_wrap=True)
         sys.exit(RET_CONFIG)
     except click.ClickException as exc:
         err_console.print(f"✗ {exc.format_message()}", highlight=False, markup=False,
                           soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (click.Abort, KeyboardInterrupt):
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):
+        rc = RET_INTERRUPTED
+    if rc == RET_INTERRUPTED:  # Typer turns Ctrl+C into exit code 130
+        err_console.print("✗ interrompido (Ctrl+C)", highlight=False, markup=False)
     sys.exit(rc if isinstance(rc, int) else RET_OK)

@@ -115,6 +115,10 @@ R_CONFERIR = "conferir"
 R_INVALID = "ignorado"
 R_NOT_SENT = "não enviado"
 
+CONFERIR_HINT = ("Confira no portal da Bemsoft: se o pedido estiver lá, marque-o como resolvido "
+                 "no painel (ou guarde o arquivo em outra pasta); se não estiver, rode de novo "
+                 "com --conferir para reenviá-lo com uma nova Idempotency-Key.")
+
 #: Results after which the file may go to --move-ok.
 MOVABLE = frozenset({R_DELIVERED, R_ALREADY})
 #: Results that make ``retry`` exit 1.
@@ -195,6 +199,7 @@ class FileRetrier:
         move_ok: Path | None = None,
         verbose: bool = False,
         state_ready: bool = True,
+        conferir: bool = False,
     ) -> None:
         self.monitor = monitor
         self.store = monitor.store
@@ -203,6 +208,9 @@ class FileRetrier:
         self.move_ok = move_ok
         self.verbose = verbose
         self.state_ready = state_ready
+        # Orders in CONFERIR may already be at Bemsoft: re-sent (with a new key) only when
+        # a person checked the portal and asked for it (--conferir).
+        self.conferir = conferir
         self.token_problem: str | None = None
         self._lease_checked = False
         self._lease_holder: str | None = None
@@ -284,6 +292,9 @@ class FileRetrier:
             return RetryRow(path, req, R_QUEUED, f"{ident} já está na fila do monitor; ele fará "
                                                  "o envio")
         conferir = order.state == ORDER_CONFERIR
+        if conferir and not self.conferir:
+            return RetryRow(path, req, R_CONFERIR, f"{ident} em CONFERIR, não reenviado: "
+                            f"{(order.last_error or '').strip()[:160]} {CONFERIR_HINT}")
         key_note = "com nova Idempotency-Key (estava em CONFERIR)" if conferir \
             else "com a Idempotency-Key registrada"
         if not self.send:
@@ -319,8 +330,7 @@ class FileRetrier:
             row.detail = f"{ident} entregue ({outcome.message})"
         elif state == ORDER_CONFERIR:
             row.result = R_CONFERIR
-            row.detail = (f"{ident}: {outcome.message}; confira no portal da Bemsoft e marque "
-                          "como resolvido ou reenvie")
+            row.detail = f"{ident}: {outcome.message}. {CONFERIR_HINT}"
         elif state == ORDER_PENDING:
             row.result = R_RETRY_LATER
             row.detail = (f"{ident} não entregue agora ({outcome.message}); ficou na fila e o "
@@ -358,6 +368,15 @@ class FileRetrier:
         generation = int(meta.get("generation") or 1)
         key = external_key(payload, generation)
         origin = "arquivo externo (fora do banco de estado)"
+        if meta.get("conferir"):
+            if not self.conferir:
+                return RetryRow(path, req, R_CONFERIR,
+                                f"{origin} em CONFERIR, não reenviado: 409 depois de um erro do "
+                                f"servidor na tentativa anterior. {CONFERIR_HINT}",
+                                external=True)
+            # The person checked: the order is not at Bemsoft, a new key lets it through.
+            generation += 1
+            key = external_key(payload, generation)
         if meta.get("lastOutcome") == Kind.DELIVERED.value:
             return RetryRow(path, req, R_ALREADY,
                             f"{origin} já entregue em {meta.get('deliveredAt', '?')}; ignorado",
@@ -376,8 +395,9 @@ class FileRetrier:
         outcome = self.client.post_order(payload, key=key)
         self._show_outcome(row, outcome)
         previous = meta.get("lastOutcome")
+        meta.pop("conferir", None)
         meta.update(attempts=int(meta.get("attempts") or 0) + 1, lastOutcome=outcome.kind.value,
-                    lastStatus=outcome.status, lastKey=key,
+                    lastStatus=outcome.status, lastKey=key, generation=generation,
                     lastAttemptAt=_utcnow().isoformat(timespec="seconds"))
         if outcome.kind == Kind.DELIVERED:
             row.result, row.detail = R_DELIVERED, f"{origin} entregue ({outcome.message})"
@@ -385,7 +405,8 @@ class FileRetrier:
         elif outcome.kind == Kind.ALREADY and previous == Kind.SERVER_ERROR.value:
             row.result = R_CONFERIR
             row.detail = (f"{origin}: 409 após um erro do servidor na tentativa anterior; não é "
-                          "possível saber se a Bemsoft salvou o pedido, confira no portal")
+                          f"possível saber se a Bemsoft salvou o pedido. {CONFERIR_HINT}")
+            meta["conferir"] = True
         elif outcome.kind == Kind.ALREADY:
             row.result = R_ALREADY
             row.detail = (f"{origin}: a Bemsoft já recebeu este pedido (HTTP 409, chave {key}); "
@@ -1015,7 +1036,9 @@ class Checker:
     # --- Bemsoft --------------------------------------------------------------------------
     def _bemsoft(self) -> Iterator[Check]:
         labels = ("Bemsoft acessível", "token", "catálogo /tests")
-        why = "--offline" if self.offline else "BEMSOFT_DRY_RUN=1" if self.s.bemsoft_dry_run \
+        # DRY_RUN with a token still checks it: a lab tries the monitor in DRY_RUN first.
+        why = "--offline" if self.offline else \
+            "BEMSOFT_DRY_RUN=1 sem BEMSOFT_TOKEN" if self.s.bemsoft_dry_run and not self.s.token \
             else None
         if why is not None:
             for label in (*labels, "TLS", "relógio"):

@@ -1,0 +1,272 @@
+"""Operator commands as a lab's IT person meets them: help and mistakes in Portuguese, retry
+never re-sending an order in CONFERIR on its own, check and status when something is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bemsoft_monitor import ops
+from bemsoft_monitor.cli import cli_command, help_text_pt
+from bemsoft_monitor.cli_ops import run_app
+from bemsoft_monitor.simulator import Simulator
+
+from .test_ops import dead_letter_demo, demo, posts, run_cli, store_of, write_env
+
+#: English words Click and Typer put in help pages and error lines.
+ENGLISH = ("Usage", "Options", "Commands", "Arguments", "Show this message", "default:",
+           "required", "[OPTIONS]", "COMMAND", "<int", "<str", "<path", "<list", "<float",
+           "x>=", "Missing", "Got unexpected", "No such", "Input should", "requires an",
+           "does not take", "Did you mean", "Error")
+
+
+def command_paths(command: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = [prefix]
+    for name, sub in getattr(command, "commands", {}).items():
+        out += command_paths(sub, (*prefix, name))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- help and command-line mistakes ------------------------------------------------------------
+
+
+def test_every_help_page_is_portuguese(capsys: pytest.CaptureFixture[str]) -> None:
+    root = cli_command()
+    paths = command_paths(root)
+    assert ("retry",) in paths and ("catalog", "sync") in paths
+    for path in paths:
+        assert root.main(args=[*path, "--help"], prog_name="bemsoft-monitor",
+                         standalone_mode=False) == 0
+        page = capsys.readouterr().out
+        assert page.startswith("Uso: bemsoft-monitor"), (path, page)
+        assert "Mostra esta ajuda e sai." in page, path
+        for word in ENGLISH:
+            assert word not in page, (path, word, page)
+    retry_page = subprocess.run([sys.executable, "-m", "bemsoft_monitor", "retry", "-h"],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "COLUMNS": "200"}).stdout
+    retry_page = " ".join(retry_page.split())  # Click wraps at 80 columns
+    for line in ("--dir PASTA", "--file ARQUIVO", "--move-ok PASTA", "--limit N", "--send",
+                 "--verbose", "[mínimo 1]", "Opções:"):
+        assert line in retry_page, line
+
+
+def test_click_fixed_words_in_option_help_are_translated() -> None:
+    assert help_text_pt("Porta.  [default: 8080]") == "Porta.  [padrão: 8080]"
+    assert help_text_pt("Linhas.  [default: 50; x>=1]") == "Linhas.  [padrão: 50; mínimo 1]"
+    assert help_text_pt("Dias.  [0<=x<=90]") == "Dias.  [de 0 a 90]"
+    assert help_text_pt("Texto.  [required]") == "Texto.  [obrigatório]"
+    assert help_text_pt("Show this message and exit.") == "Mostra esta ajuda e sai."
+    assert help_text_pt("Sem extras (padrão: FAILED_DIR).") == "Sem extras (padrão: FAILED_DIR)."
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("retry", "--limit", "abc"),
+     "valor inválido para --limit: 'abc' não é um número inteiro; veja 'bemsoft-monitor retry"),
+    (("retry", "--limit", "0"), "--limit: precisa ser no mínimo 1 (recebido: 0)"),
+    (("retry", "--limit"), "a opção --limit precisa de um valor; veja 'bemsoft-monitor retry"),
+    (("retry", "--send=1"), "a opção --send não recebe valor"),
+    (("retry", "--file"), "a opção --file precisa de um valor"),
+    (("retry", "--nao-existe"), "opção desconhecida: --nao-existe"),
+    (("status", "--json", "demais"), "argumento a mais: demais"),
+    (("retri",), "comando desconhecido: retri (quis dizer retry?)"),
+    (("catalog", "search"), "falta o argumento"),
+    (("simulator", "--latency", "rapido"), "'rapido' não é um número"),
+])
+def test_a_command_line_mistake_is_one_portuguese_line_and_exit_2(
+        tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    proc = run_cli(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("✗ ") and expected in lines[0], lines[0]
+    for word in ENGLISH:
+        assert word not in lines[0], word
+
+
+def test_a_group_without_its_sub_command_shows_its_help(tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "catalog")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Uso: bemsoft-monitor catalog [OPÇÕES] COMANDO")
+    assert "Comandos:" in proc.stderr and "sync" in proc.stderr
+    assert "✗ uso incorreto" not in proc.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl+C in a command without its own stop handling (status, check) ends cleanly."""
+    env = tmp_path / ".env"
+    env.write_text(f"DB_URL=sqlite:///{(tmp_path / 'lis.db').as_posix()}\nTERCEIROS=LAB\n"
+                   f"BEMSOFT_DRY_RUN=1\nFAILED_DIR={tmp_path / 'f'}\n", encoding="utf-8")
+    monkeypatch.setenv("BEMSOFT_ENV_FILE", str(env))
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ops, "collect_status", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(["status"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "✗ interrompido (Ctrl+C)"
+
+
+# --- retry: CONFERIR waits for a person -----------------------------------------------------
+
+
+def order_of(settings: Any, path: Path) -> Any:
+    event = json.loads(path.read_text(encoding="utf-8"))["event"]
+    store = store_of(settings)
+    try:
+        return store.get_order(int(event["orderId"]))
+    finally:
+        store.dispose()
+
+
+def test_retry_leaves_an_order_in_conferir_to_a_person_until_conferir_is_given(
+        tmp_path: Path, sim: Simulator) -> None:
+    settings, files = dead_letter_demo(tmp_path, sim)
+    target = files[0]
+    # Bemsoft answers 409 to the re-send: maybe saved, maybe not -> CONFERIR.
+    sim.set_faults([{"kind": "status", "status": 409}])
+    first = run_cli(tmp_path, "retry", "--file", str(target), "--send")
+    assert first.returncode == 1, first.stdout
+    assert "conferir" in first.stdout and "--conferir" in first.stdout
+    order = order_of(settings, target)
+    assert order.state == "conferir"
+    key_in_conferir = order.key
+
+    before = posts(sim)
+    again = run_cli(tmp_path, "retry", "--send")  # the whole folder, as start_retry does
+    assert again.returncode == 1
+    assert "em CONFERIR, não reenviado" in again.stdout
+    assert posts(sim) == before + 1  # only the other, plain dead order went out
+    assert order_of(settings, target).state == "conferir"
+
+    dry = run_cli(tmp_path, "retry", "--file", str(target), "--conferir")
+    assert dry.returncode == 0 and "nova Idempotency-Key" in dry.stdout
+    assert posts(sim) == before + 1
+
+    confirmed = run_cli(tmp_path, "retry", "--file", str(target), "--send", "--conferir")
+    assert confirmed.returncode == 0, confirmed.stdout
+    last = sim.calls()[-1]
+    assert last["status"] == 201 and last["key"] != key_in_conferir
+    assert order_of(settings, target).state == "delivered"
+
+
+def test_retry_of_an_external_file_in_conferir_is_not_sent_again(
+        tmp_path: Path, sim: Simulator) -> None:
+    _settings, files = dead_letter_demo(tmp_path, sim)
+    payload = json.loads(files[0].read_text(encoding="utf-8"))["event"]["payload"]
+    payload["batch"]["externalId"] = "EXT-9"
+    folder = tmp_path / "externo"
+    folder.mkdir()
+    path = folder / "antigo.json"
+    path.write_text(json.dumps({"reason": "x", "event": {"payload": payload}}), encoding="utf-8")
+    # Saved, but answered 500: the re-send with the same key gets a real 409.
+    sim.set_faults([{"kind": "status", "status": 500, "after_save": True}])
+    assert run_cli(tmp_path, "retry", "--file", str(path), "--send").returncode == 1
+    second = run_cli(tmp_path, "retry", "--file", str(path), "--send")
+    assert second.returncode == 1 and "não é possível saber" in second.stdout
+    n = posts(sim)
+    third = run_cli(tmp_path, "retry", "--file", str(path), "--send")
+    assert third.returncode == 1
+    assert "em CONFERIR, não reenviado" in third.stdout and "já entregue" not in third.stdout
+    assert posts(sim) == n
+
+
+def test_retry_with_a_folder_given_as_file_says_so(tmp_path: Path, sim: Simulator) -> None:
+    settings, _files = dead_letter_demo(tmp_path, sim)
+    proc = run_cli(tmp_path, "retry", "--file", str(settings.failed_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"✗ {settings.failed_dir} é uma pasta (use --dir " \
+                                  f"{settings.failed_dir})"
+
+
+def test_retry_dry_run_says_move_ok_needs_send(tmp_path: Path, sim: Simulator) -> None:
+    settings, files = dead_letter_demo(tmp_path, sim)
+    proc = run_cli(tmp_path, "retry", "--move-ok", str(tmp_path / "ok"))
+    assert proc.returncode == 0
+    assert "--move-ok só move arquivos com --send" in proc.stdout
+    assert all(f.exists() for f in files) and not (tmp_path / "ok").exists()
+    assert Path(settings.failed_dir).is_dir()
+
+
+# --- check and status when something is down ------------------------------------------------
+
+
+def check_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stdout.splitlines() if line[:1] in "✓✗!–"]
+
+
+def test_check_names_an_unreachable_bemsoft_and_exits_3(tmp_path: Path, sim: Simulator) -> None:
+    settings = demo(tmp_path, sim)
+    write_env(tmp_path, settings, BEMSOFT_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    proc = run_cli(tmp_path, "check")
+    assert proc.returncode == 3
+    lines = check_lines(proc)
+    bad = [line for line in lines if line.startswith("✗")]
+    assert len(bad) == 1 and bad[0].startswith("✗ Bemsoft acessível:"), proc.stdout
+    assert "→ confira BEMSOFT_BASE_URL" in bad[0]
+    assert "– token: não verificado (Bemsoft inacessível)" in lines
+    assert any(line.startswith("✓ banco do LIS acessível") for line in lines)
+    assert sim.token not in proc.stdout + proc.stderr
+
+
+def test_check_in_dry_run_with_a_token_still_checks_bemsoft(tmp_path: Path,
+                                                             sim: Simulator) -> None:
+    settings = demo(tmp_path, sim)
+    write_env(tmp_path, settings, BEMSOFT_DRY_RUN="1", BEMSOFT_TOKEN="token-que-nao-vale")
+    proc = run_cli(tmp_path, "check")
+    assert proc.returncode == 3
+    bad = [line for line in check_lines(proc) if line.startswith("✗")]
+    assert len(bad) == 1 and bad[0].startswith("✗ token: recusado"), proc.stdout
+
+
+def test_check_and_status_with_an_unreachable_database(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    url = f"postgresql+psycopg://postgres:senha-do-banco@127.0.0.1:{free_port()}/test"
+    (tmp_path / ".env").write_text(
+        f"DB_URL={url}\nTERCEIROS=LAB\nBEMSOFT_DRY_RUN=1\nFAILED_DIR={tmp_path / 'falhas'}\n"
+        "DB_LOGIN_TIMEOUT=2\n", encoding="utf-8")
+    check = run_cli(tmp_path, "check", "--offline")
+    assert check.returncode == 3
+    lines = check_lines(check)
+    db = next(line for line in lines if line.startswith("✗ banco do LIS"))
+    assert "sem conexão" in db and "→ confira DB_SERVER" in db
+    assert any(line.startswith("– tabelas de estado do monitor: não verificadas") for line in
+               lines)
+    status = run_cli(tmp_path, "status", "--json")
+    assert status.returncode == 1 and status.stdout == ""
+    err = [line for line in status.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("✗ banco de estado inacessível:"), status.stderr
+    assert "senha-do-banco" not in check.stdout + status.stderr
+
+
+def test_status_json_lease_has_stable_keys(tmp_path: Path, sim: Simulator) -> None:
+    import datetime as dt
+
+    settings = demo(tmp_path, sim)
+    store = store_of(settings)
+    assert store.try_lease(holder="srv:1:x", host="srv", pid=1,
+                           now=dt.datetime.now(dt.timezone.utc), ttl_s=60)[0]
+    store.dispose()
+    data = json.loads(run_cli(tmp_path, "status", "--json").stdout)
+    assert set(data["lease"]) == {"holder", "host", "pid", "acquired_at", "expires_at",
+                                  "expired"}
+    assert set(data["orders"]) == {"pending", "sending", "delivered", "dead", "conferir",
+                                   "resolved"}
+    assert set(data["items"]) == {"pending", "ordered", "delivered", "refused", "cancelled",
+                                  "dead", "conferir"}
