@@ -10,6 +10,9 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +23,10 @@ import pytest
 import requests
 
 from bemsoft_monitor.app import build_client
-from bemsoft_monitor.catalog import CatalogCache
+from bemsoft_monitor.catalog import CatalogCache, parse_catalog
 from bemsoft_monitor.simulator import Simulator, load_catalog_sample
 
-from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
+from .conftest import LAB, FakeClock, Lis, drive, make_monitor, make_settings
 
 NOVO = {"id": "NOVO", "name": "EXAME NOVO", "specimen": {"id": "SORO", "name": "Soro"}}
 
@@ -291,5 +294,58 @@ def test_a_code_missing_from_the_copy_refreshes_once_per_min_refresh(
     assert front.gets == 1  # a second miss within the hour does not fetch again
     refused = parts.store.items_by_state("refused")
     assert len(refused) == 1 and "NOVO2" in (refused[0].reason or "")
+    monitor.close()
+    lis.dispose()
+
+
+# --- a sync by hand reaches the running monitor ----------------------------------------------
+
+
+def test_a_second_cache_on_the_same_file_takes_up_a_newer_copy(tmp_path: Path) -> None:
+    path = tmp_path / "catalogo.json"
+    fe = parse_catalog([load_catalog_sample()[0]], source="x")
+    novo = parse_catalog([NOVO], source="x")
+    service = CatalogCache(fetch=lambda: fe, path=path, ttl_s=86400, min_refresh_s=3600)
+    assert service.refresh() is True
+    assert service.refresh_if_stale() is False  # its own write is not "newer"
+    by_hand = CatalogCache(fetch=lambda: fe + novo, path=path, ttl_s=86400, min_refresh_s=3600)
+    time.sleep(0.01)  # the second fetch is later on the wall clock
+    assert by_hand.refresh() is True
+    assert service.refresh_if_stale() is True  # no GET /tests: the file is newer
+    assert service.catalog is not None and service.catalog.variants("NOVO")
+    assert service.loaded_at == by_hand.loaded_at
+    assert service.refresh_if_stale() is False
+
+
+def test_catalog_sync_in_another_process_sends_items_refused_by_the_running_monitor(
+        tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis = Lis(_sqlite(tmp_path))
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    novo = lis.item(1, "NOVO")
+    settings = make_settings(_sqlite(tmp_path), tmp_path, sim, bemsoft_tests_ttl=86400,
+                             bemsoft_tests_min_refresh=3600)
+    monitor, parts = make_monitor(settings, clock)
+    drive(monitor, clock)
+    assert _saved(sim) == ["FE"]
+    assert [r.item_id for r in parts.store.items_by_state("refused")] == [novo]
+
+    sim.set_catalog([*load_catalog_sample(), NOVO])  # Bemsoft adds the exam
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_"))}
+    (tmp_path / "vazio.env").write_text("", encoding="utf-8")
+    env.update(BEMSOFT_ENV_FILE=str(tmp_path / "vazio.env"), DB_URL=_sqlite(tmp_path),
+               TERCEIROS=LAB, BEMSOFT_BASE_URL=sim.url, BEMSOFT_TOKEN=sim.token,
+               BEMSOFT_CATALOG_CACHE=str(tmp_path / "catalogo.json"),
+               FAILED_DIR=str(tmp_path / "failed"), PYTHONIOENCODING="utf-8")
+    synced = subprocess.run([sys.executable, "-m", "bemsoft_monitor", "catalog", "sync"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+
+    drive(monitor, clock)  # no retry command, no restart, no TTL: the new copy is enough
+    drive(monitor, clock)
+    assert _saved(sim) == ["FE", "NOVO"]
+    assert parts.store.items_by_state("refused") == []
     monitor.close()
     lis.dispose()

@@ -898,7 +898,9 @@ class CatalogCache:
     Refreshes are serialised by a lock; ``refresh_on_miss`` and ``refresh_if_stale`` never
     wait for a refresh already running in another thread. After a failed attempt, neither
     tries again before ``min_refresh_s`` has passed (at most 30 s while no copy exists),
-    so an outage does not turn every poll into a ``GET /tests``.
+    so an outage does not turn every poll into a ``GET /tests``. Both first take up a newer
+    copy another process wrote to the same file (``bemsoft-monitor catalog sync`` while the
+    service runs), so a sync by hand reaches the running monitor at once.
     """
 
     def __init__(
@@ -921,6 +923,7 @@ class CatalogCache:
         self.catalog: Catalog | None = None
         self.loaded_at: float | None = None
         self.last_error: str | None = None
+        self._file_stamp: _Stamp = None  # the saved copy as last read or written here
         self._load_persisted()
 
     # --- state ------------------------------------------------------------------------------
@@ -947,15 +950,18 @@ class CatalogCache:
             return self._refresh_locked()
 
     def refresh_if_stale(self) -> bool:
-        """Refresh when there is no snapshot or it is older than ``ttl_s``."""
+        """Refresh when there is no snapshot or it is older than ``ttl_s``; True when it changed."""
+        adopted = self.adopt_newer_copy()
         age = self.age_s()
         stale = self.catalog is None or age is None or age > self.ttl_s or age < 0
         if not stale or self._backing_off():
-            return False
-        return self._try_refresh()
+            return adopted
+        return self._try_refresh() or adopted
 
     def refresh_on_miss(self) -> bool:
         """Refresh because a code was not found; at most once per ``min_refresh_s``."""
+        if self.adopt_newer_copy():
+            return True
         if self._last_attempt_at is not None:
             since = self._clock() - self._last_attempt_at
             if 0 <= since < self.min_refresh_s:
@@ -1025,6 +1031,7 @@ class CatalogCache:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            self._file_stamp = _stamp(self.path)
         except OSError as exc:
             log.warning(
                 "cópia do catálogo não gravada em %s (%s); verifique BEMSOFT_CATALOG_CACHE",
@@ -1034,11 +1041,11 @@ class CatalogCache:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
 
-    def _load_persisted(self) -> None:
-        if not self.path.exists():
-            return
+    def _read_persisted(self) -> tuple[Catalog, float] | None:
+        """The saved copy and when it was fetched; None (with a WARNING) when unusable."""
         source = f"cópia local {self.path}"
         try:
+            self._file_stamp = _stamp(self.path)
             data = json.loads(self.path.read_bytes().decode("utf-8-sig"))
             if not isinstance(data, dict):
                 raise CatalogFormatError(f"{source}: não é um objeto JSON")
@@ -1054,6 +1061,42 @@ class CatalogCache:
                 self.path,
                 _describe_error(exc),
             )
+            return None
+        return Catalog(entries), float(fetched_at)
+
+    def _load_persisted(self) -> None:
+        if not self.path.exists():
             return
-        self.catalog = Catalog(entries)
-        self.loaded_at = float(fetched_at)
+        copy = self._read_persisted()
+        if copy is not None:
+            self.catalog, self.loaded_at = copy
+
+    def adopt_newer_copy(self) -> bool:
+        """Take up the saved copy when another process wrote a newer one; True when taken.
+
+        Costs one ``stat`` when the file has not changed since it was last read or written.
+        """
+        stamp = _stamp(self.path)
+        if stamp is None or stamp == self._file_stamp:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return False  # a refresh is running here; it will write the file itself
+        try:
+            copy = self._read_persisted()
+            if copy is None:
+                return False
+            catalog, fetched_at = copy
+            if self.loaded_at is not None and fetched_at <= self.loaded_at:
+                return False  # older than what is in memory (or our own write)
+            self.catalog, self.loaded_at, self.last_error = catalog, fetched_at, None
+            self._last_attempt_failed = False
+        finally:
+            self._lock.release()
+        log.info(
+            "catálogo atualizado a partir da cópia gravada por outro processo em %s: %d itens, "
+            "de %s",
+            self.path,
+            len(catalog),
+            _when(fetched_at),
+        )
+        return True

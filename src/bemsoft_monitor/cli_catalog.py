@@ -350,8 +350,9 @@ def mapping_check(
     = 30,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Grava o relatório em CSV "
                                                   "(separado por ';', abre no Excel).")] = None,
-    sync: Annotated[bool, typer.Option("--sync", help="Baixa o catálogo antes de conferir.")]
-    = False,
+    sync: Annotated[bool, typer.Option(
+        "--sync", help="Baixa o catálogo antes de conferir (sem esta opção, só baixa quando "
+                       "não há cópia local ou ela passou de BEMSOFT_TESTS_TTL).")] = False,
 ) -> None:
     """Lista cada código de exame dos TERCEIROS no LIS e se ele tem correspondente na Bemsoft.
 
