@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import logging
 import shutil
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,12 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
-from .config import Settings
+from .app import build_monitor, build_parts
+from .config import Settings, settings_from_values
+from .logsetup import setup_logging
+from .simulator import Simulator
 from .source import LisTables, lis_tables
+from .store import ITEM_DELIVERED, ITEM_REFUSED, ORDER_DELIVERED, ORDER_PENDING, ItemRow
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,8 @@ LAB_PARDINI = "AME-SE - PARDINI"
 LAB_OTHER = "LABORATÓRIO NÃO CONFIGURADO"
 DEMO_TERCEIROS = f"{LAB_DB},{LAB_PARDINI}"
 MAX_CYCLES = 50
+DEMO_MARKER = ".bemsoft-demo"
+ITEM_STATES = ("pending", "ordered", "delivered", "refused", "cancelled", "dead", "conferir")
 
 
 def create_lis(engine: sa.Engine) -> LisTables:
@@ -68,8 +74,10 @@ def _items(today: dt.date) -> list[dict[str, Any]]:
     day = dt.datetime(today.year, today.month, today.day)
     nxt = day + dt.timedelta(days=1)
 
-    def item(cod: int, sol: int, code: str | None, desc: str, lab: str,
-             at: dt.datetime | None, texame: int | None = None) -> dict[str, Any]:
+    def item(  # noqa: PLR0917 - one positional call per sample row reads as a table
+        cod: int, sol: int, code: str | None, desc: str, lab: str,
+        at: dt.datetime | None, texame: int | None = None,
+    ) -> dict[str, Any]:
         return {"CodItemSol": cod, "CodSolicitacao": sol, "CodTExame": texame, "DataEntrada": at,
                 "DescExames": desc, "CodConvExames": code, "NomeTerceirizado": lab,
                 "Valor": 10, "VlTerceirizado": 5, "SituacaoResultado": None, "Origem": "Sistema"}
@@ -112,9 +120,12 @@ def seed_lis(engine: sa.Engine, today: dt.date) -> LisTables:
 
 
 def demo_settings(folder: Path, *, base_url: str, token: str) -> Settings:
-    """Settings of the demo: everything inside ``folder``, nothing to configure."""
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    """Settings of the demo: everything inside ``folder``, nothing to configure.
+
+    Nothing from the machine leaks in either: a lab's STATE_DB_URL, DEFAULT_GENDER or
+    BEMSOFT_TOKEN in the environment or a .env must not reach the demo.
+    """
+    return settings_from_values(
         db_url=f"sqlite:///{(folder / 'lis_demo.db').as_posix()}",
         terceiros=DEMO_TERCEIROS,
         poll_seconds=0.2,
@@ -159,10 +170,12 @@ def write_demo_env(folder: Path, settings: Settings, *, port: int = DEMO_SIMULAT
     def path(value: Path | None) -> str:
         return value.as_posix() if value is not None else ""
 
+    birthdate = settings.default_birthdate
+
     lines = [
         "# Gerado por 'bemsoft-monitor demo': configuração da demonstração.",
-        "# Rode 'bemsoft-monitor simulator --port %d' em outro terminal para ter a Bemsoft local."
-        % port,
+        f"# Rode 'bemsoft-monitor simulator --port {port}' em outro terminal para ter a "
+        "Bemsoft local.",
         f"DB_URL={settings.db_url}",
         f"TERCEIROS={settings.terceiros}",
         f"POLL_SECONDS={settings.poll_seconds}",
@@ -178,7 +191,7 @@ def write_demo_env(folder: Path, settings: Settings, *, port: int = DEMO_SIMULAT
         f"BEMSOFT_MATERIAL_MAP_PATH={path(settings.bemsoft_material_map_path)}",
         f"BEMSOFT_BACKOFF={settings.bemsoft_backoff:g}",
         f"BEMSOFT_BACKOFF_MAX={settings.bemsoft_backoff_max:g}",
-        f"DEFAULT_BIRTHDATE={settings.default_birthdate.isoformat() if settings.default_birthdate else ''}",
+        f"DEFAULT_BIRTHDATE={birthdate.isoformat() if birthdate else ''}",
         f"PHYSICIAN_NAME={settings.physician_name or ''}",
         f"PHYSICIAN_COUNCIL={settings.physician_council or ''}",
         f"PHYSICIAN_NUMBER={settings.physician_number or ''}",
@@ -191,8 +204,6 @@ def write_demo_env(folder: Path, settings: Settings, *, port: int = DEMO_SIMULAT
 
 def drive_until_quiet(monitor: Any, *, max_cycles: int = MAX_CYCLES) -> int:
     """Run cycles until nothing is due or in flight; return how many ran."""
-    from .store import ORDER_PENDING
-
     for n in range(1, max_cycles + 1):
         monitor.cycle(drain=True)
         pending = monitor.store.counts()["orders"].get(ORDER_PENDING, 0)
@@ -202,38 +213,139 @@ def drive_until_quiet(monitor: Any, *, max_cycles: int = MAX_CYCLES) -> int:
     return max_cycles
 
 
-def summary_table(store: Any) -> Table:
-    """Requisitions with their items' fate."""
-    import sqlalchemy as sa_
+@dataclass(frozen=True)
+class DemoOutcome:
+    """What the demo's monitor made of every LIS item it read."""
 
-    table = Table(title="Resultado da demonstração", show_lines=False)
-    for col in ("Solicitação", "Item", "Exame", "Situação", "Motivo"):
-        table.add_column(col, overflow="fold")
-    with store.engine.connect() as conn:
-        rows = conn.execute(sa_.select(store.items).order_by(store.items.c.RequisitionId,
-                                                             store.items.c.ItemId)).all()
-    labels = {"delivered": "[green]entregue[/]", "refused": "[yellow]recusado[/]",
-              "dead": "[red]falhou[/]", "conferir": "[magenta]conferir[/]",
-              "cancelled": "cancelado", "pending": "aguardando", "ordered": "na fila"}
-    for r in rows:
-        snap = json.loads(r.Snapshot) if r.Snapshot else {}
-        exam = (snap.get("conv_code") or "").strip() or "(sem código)"
-        table.add_row(str(r.RequisitionId), str(r.ItemId), f"{exam} {snap.get('description') or ''}",
-                      labels.get(r.State, r.State), r.Reason or "")
-    return table
+    items: tuple[ItemRow, ...]
+    batches: dict[int, tuple[str, ...]]  # requisition -> batch externalIds sent
+    saved_tests: int  # tests the simulator really saved
+    ignored_labs: tuple[str, ...]  # NomeTerceirizado of items outside TERCEIROS
+
+    @property
+    def delivered(self) -> list[ItemRow]:
+        return [i for i in self.items if i.state == ITEM_DELIVERED]
+
+    @property
+    def refused(self) -> list[ItemRow]:
+        return [i for i in self.items if i.state == ITEM_REFUSED]
+
+    @property
+    def unsettled(self) -> list[ItemRow]:
+        """Items neither delivered nor refused with a reason: the demo failed."""
+        return [i for i in self.items
+                if not (i.state == ITEM_DELIVERED
+                        or (i.state == ITEM_REFUSED and (i.reason or "").strip()))]
+
+    @property
+    def ok(self) -> bool:
+        """Every item delivered or refused, and every delivered test really saved."""
+        return bool(self.items) and not self.unsettled \
+            and self.saved_tests == len(self.delivered)
+
+
+def collect_outcome(store: Any, lis_engine: sa.Engine, *, saved_tests: int,
+                    support_labs: tuple[str, ...]) -> DemoOutcome:
+    """Read the fate of every item from the state store (and what the LIS left out)."""
+    items: list[ItemRow] = []
+    for state in ITEM_STATES:
+        items.extend(store.items_by_state(state, limit=100_000))
+    items.sort(key=lambda i: (i.requisition_id, i.item_id))
+    batches: dict[int, tuple[str, ...]] = {}
+    for req in sorted({i.requisition_id for i in items}):
+        batches[req] = tuple(
+            str(o.payload["batch"]["externalId"]) for o in store.orders_of_requisition(req)
+            if o.state == ORDER_DELIVERED)
+    wanted = {lab.strip().casefold() for lab in support_labs}
+    t = lis_tables(None)
+    with lis_engine.connect() as conn:
+        labs = conn.execute(sa.select(t.item.c.NomeTerceirizado).distinct()).scalars().all()
+    ignored = tuple(sorted({lab.strip() for lab in labs
+                            if lab and lab.strip().casefold() not in wanted}))
+    return DemoOutcome(tuple(items), batches, saved_tests, ignored)
+
+
+_STATE_LABELS = {ITEM_DELIVERED: "[green]entregue[/]", ITEM_REFUSED: "[yellow]recusado[/]",
+                 "dead": "[red]falhou (FAILED_DIR)[/]", "conferir": "[magenta]conferir[/]",
+                 "cancelled": "cancelado", "pending": "[red]aguardando[/]",
+                 "ordered": "[red]na fila[/]"}
+
+
+def _exam(item: ItemRow) -> str:
+    snap = item.snapshot
+    code = (snap.conv_code or "").strip() if snap else ""
+    description = " ".join((snap.description or "").split()) if snap else ""
+    return f"{code or '(sem código)'} {description}".strip()
+
+
+def summary_tables(outcome: DemoOutcome) -> tuple[Table, Table]:
+    """Per requisition (orders sent, items delivered/refused) and per item."""
+    per_req = Table(title="Solicitações", title_justify="left")
+    for col in ("Solicitação", "Itens", "Entregues", "Recusados", "Pedido(s) enviado(s)"):
+        per_req.add_column(col, overflow="fold")
+    for req, batch_ids in outcome.batches.items():
+        mine = [i for i in outcome.items if i.requisition_id == req]
+        per_req.add_row(str(req), str(len(mine)),
+                        str(sum(i.state == ITEM_DELIVERED for i in mine)),
+                        str(sum(i.state == ITEM_REFUSED for i in mine)),
+                        ", ".join(batch_ids) or "—")
+    per_item = Table(title="Itens", title_justify="left")
+    for col in ("Solicitação", "Item", "Exame", "Situação"):
+        per_item.add_column(col, overflow="fold")
+    for item in outcome.items:
+        per_item.add_row(str(item.requisition_id), str(item.item_id), _exam(item),
+                         _STATE_LABELS.get(item.state, item.state))
+    return per_req, per_item
+
+
+def print_summary(console: Console, outcome: DemoOutcome, settings: Settings) -> None:
+    """The tables, the refusal reasons in full, totals and where to look next."""
+    per_req, per_item = summary_tables(outcome)
+    console.rule("[bold]Resultado da demonstração[/]")
+    console.print(per_req)
+    console.print(per_item)
+    if outcome.refused:
+        console.print("[bold]Motivo de cada recusa[/] (o monitor não adivinha: diz o que "
+                      "corrigir):")
+        for item in outcome.refused:
+            console.print(f"  • {item.requisition_id}/{item.item_id}: {item.reason}",
+                          highlight=False, markup=False)
+    for lab in outcome.ignored_labs:
+        console.print(f"Não lido, como esperado: itens de '{lab}', que não está em TERCEIROS.",
+                      highlight=False, markup=False)
+    console.print(f"\nItens entregues: [green]{len(outcome.delivered)}[/]   recusados com "
+                  f"motivo: [yellow]{len(outcome.refused)}[/]   testes salvos no simulador: "
+                  f"{outcome.saved_tests}")
+    console.print(
+        "\nOnde olhar:\n"
+        f"  • itens recusados e o motivo (CSV): {settings.refused_report}\n"
+        f"  • falhas de envio (se houver): {settings.failed_dir}", highlight=False)
+
+
+def _prepare_folder(folder: Path) -> str | None:
+    """Empty ``folder`` for a new demo; a problem text when it is not safe to."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} existe e não é uma pasta; escolha outra com --dir"
+    if folder.is_dir() and any(folder.iterdir()):
+        if not ((folder / DEMO_MARKER).is_file() or (folder / "lis_demo.db").is_file()):
+            return (f"a pasta {folder} já existe e não é de uma demonstração anterior; nada "
+                    "foi apagado. Escolha uma pasta nova ou vazia com --dir")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text(
+        "Pasta criada por 'bemsoft-monitor demo'; ela é apagada e recriada a cada demonstração.\n",
+        encoding="utf-8")
+    return None
 
 
 def run_demo(folder: Path, *, console: Console | None = None) -> int:
-    """Run the whole demo; return the exit code."""
-    from .app import build_monitor, build_parts
-    from .logsetup import setup_logging
-    from .simulator import Simulator
-
+    """Run the whole demo; 0 when every item ended delivered or refused with a reason."""
     console = console or Console()
     folder = folder.resolve()
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    problem = _prepare_folder(folder)
+    if problem:
+        Console(stderr=True).print(f"✗ {problem}", highlight=False, markup=False)
+        return 2
     setup_logging(level="INFO")
     write_demo_files(folder)
     today = dt.datetime.now(dt.timezone(dt.timedelta(hours=-3))).date()
@@ -241,38 +353,44 @@ def run_demo(folder: Path, *, console: Console | None = None) -> int:
         settings = demo_settings(folder, base_url=sim.url, token=sim.token)
         engine = sa.create_engine(settings.db_url or "")
         seed_lis(engine, today)
-        console.print(f"[bold]LIS de demonstração:[/] {folder / 'lis_demo.db'}")
-        console.print(f"[bold]Simulador Bemsoft:[/] {sim.url}")
+        console.print(f"[bold]LIS de demonstração:[/] {folder / 'lis_demo.db'}", highlight=False)
+        console.print(f"[bold]Simulador Bemsoft:[/] {sim.url}   [bold]TERCEIROS:[/] "
+                      f"{settings.terceiros}", highlight=False)
         parts = build_parts(settings)
         monitor = build_monitor(parts)
-        drive_until_quiet(monitor)
-        console.print("[bold]Chegou um exame novo (B12) na solicitação 4497, já enviada…[/]")
-        with engine.begin() as conn:
-            late = dict(LATE_ITEM, DataEntrada=dt.datetime(today.year, today.month, today.day, 9))
-            conn.execute(sa.insert(lis_tables(None).item), [late])
-        drive_until_quiet(monitor)
-        monitor.close()
-        saved = sim.saved_tests()
-        console.print(summary_table(parts.store))
-        counts = Counter(row.state for row in parts.store.items_by_state("delivered"))
-        delivered = counts.get("delivered", 0)
-        refused = len(parts.store.items_by_state("refused"))
-        console.print(f"Itens entregues: [green]{delivered}[/]   recusados: [yellow]{refused}[/]"
-                      f"   testes salvos no simulador: {len(saved)}")
-        console.print(
-            "\nPróximos passos:\n"
-            f"  • itens recusados e o motivo: {settings.refused_report}\n"
-            f"  • falhas de envio (se houver): {settings.failed_dir}")
+        try:
+            drive_until_quiet(monitor)
+            console.print("[bold]Chegou um exame novo (B12) na solicitação 4497, já enviada…[/]")
+            with engine.begin() as conn:
+                late = dict(LATE_ITEM,
+                            DataEntrada=dt.datetime(today.year, today.month, today.day, 9))
+                conn.execute(sa.insert(lis_tables(None).item), [late])
+            drive_until_quiet(monitor)
+        finally:
+            monitor.close()
+        outcome = collect_outcome(parts.store, engine, saved_tests=len(sim.saved_tests()),
+                                  support_labs=settings.support_labs)
+        print_summary(console, outcome, settings)
         engine.dispose()
         parts.store.dispose()
         parts.lis_engine.dispose()
+    if not outcome.ok:
+        stuck = ", ".join(f"{i.item_id} ({i.state})" for i in outcome.unsettled) or "nenhum"
+        Console(stderr=True).print(
+            f"✗ A demonstração não terminou como deveria: itens sem destino final: {stuck}; "
+            f"{len(outcome.delivered)} entregue(s) e {outcome.saved_tests} teste(s) salvo(s) "
+            "no simulador. Veja as mensagens acima e informe o suporte.",
+            highlight=False, markup=False)
+        return 1
     env = write_demo_env(folder, settings)
+    material_map = settings.bemsoft_material_map_path
+    material_file = material_map.name if material_map else "materiais.csv"
     console.print(
         f"\nPara continuar com esta demonstração, entre na pasta ({folder}) — o arquivo {env.name}"
         " já está pronto — e rode:\n"
         f"  1. bemsoft-monitor simulator --port {DEMO_SIMULATOR_PORT}   (em outro terminal)\n"
         "  2. bemsoft-monitor mapping check          (cada exame e como ele é resolvido)\n"
-        f"  3. adicione a linha 'GLI;Plasma' em {settings.bemsoft_material_map_path.name if settings.bemsoft_material_map_path else 'materiais.csv'}"
+        f"  3. adicione a linha 'GLI;Plasma' em {material_file}"
         " (e, se quiser, \"XYZ9\": \"TSH\" em tests_map.json; DEFAULT_GENDER=M no .env)\n"
         "  4. bemsoft-monitor retry --refused --send (reenvia os recusados que agora resolvem)\n"
         "  5. bemsoft-monitor status\n"
