@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -14,6 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.demo import demo_settings, seed_lis, write_demo_files
+from bemsoft_monitor.logsetup import SafetyFilter, mask_text
+from bemsoft_monitor.models import LisItem
 from bemsoft_monitor.simulator import Simulator
 
 from .test_ops import dead_letter_demo, run_cli, write_env
@@ -121,13 +124,14 @@ def test_failed_dir_and_its_files_are_owner_only(tmp_path: Path, sim: Simulator)
 
 
 def test_token_never_appears_in_an_uncaught_exception(tmp_path: Path) -> None:
-    token = "tok-SEGREDO-42"
+    token = "tok-SEGREDO-42"  # noqa: S105 - a test value
     code = (
         "from bemsoft_monitor.logsetup import setup_logging\n"
         f"setup_logging(secrets=({token!r},), log_file=__import__('pathlib').Path('x.log'))\n"
         f"raise RuntimeError('Authorization: Bearer {token} paciente cpf {PATIENT_CPF}')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=False,
+                          capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 1
     both = proc.stderr + (tmp_path / "x.log").read_text(encoding="utf-8")
@@ -138,7 +142,7 @@ def test_token_never_appears_in_an_uncaught_exception(tmp_path: Path) -> None:
 def test_token_not_in_a_refused_token_retry(tmp_path: Path, sim: Simulator) -> None:
     """401 from Bemsoft during retry --send --verbose: the problem is named, the token is not."""
     settings, _files = dead_letter_demo(tmp_path, sim)
-    write_env(tmp_path, settings, BEMSOFT_TOKEN="token-antigo-expirado")
+    write_env(tmp_path, settings, BEMSOFT_TOKEN="token-antigo-expirado")  # noqa: S106
     proc = run_cli(tmp_path, "retry", "--send", "--verbose")
     assert proc.returncode == 1
     assert "token recusado pela Bemsoft" in proc.stderr
@@ -152,3 +156,35 @@ def test_console_lines_are_portuguese_text(tmp_path: Path, sim: Simulator) -> No
     lines = proc.stderr.splitlines()
     assert any(" INFO " in line and "entregue" in line for line in lines)
     assert any(" AVISO " in line and "recusado" in line for line in lines)
+
+
+def test_every_patient_field_is_masked_in_any_logged_form() -> None:
+    """Name, CPF, birth date, phone and e-mail: as JSON, as a dict, as a dataclass, as text."""
+    birth = dt.datetime(1990, 5, 15)
+    item = LisItem(item_id=1, requisition_id=2, support_lab="LAB", conv_code="GLI",
+                   patient_name="MARIA JOSÉ DA CONCEIÇÃO", patient_cpf="12345678909",
+                   patient_birth=birth)
+    texts = [
+        json.dumps({"name": "MARIA JOSÉ DA CONCEIÇÃO", "birthDate": "1990-05-15"},
+                   ensure_ascii=False),
+        repr({"nome": "MARIA JOSÉ DA CONCEIÇÃO", "datanasc": birth, "cpf": PATIENT_CPF}),
+        repr(item),
+        f"ligar para (11) 98765-4321 ou 11987654321, e-mail maria.jose@example.com.br, "
+        f"CPF {PATIENT_CPF}",
+    ]
+    for text in texts:
+        masked = mask_text(text)
+        for secret in (PATIENT_NAME, "1990", "98765", "maria.jose", "456.789", "45678909"):
+            assert secret not in masked, (secret, masked)
+    assert "M**** J*** D* C*******" in mask_text(texts[0])  # initials stay readable
+    assert "GLICOSE" in mask_text("CatalogEntry(test_id='GLI', name='GLICOSE')")
+
+    # The same through a real logger, inside an exception, and shown again with LOG_PII=1.
+    for show_pii in (False, True):
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "falhou: %s", (item,), None)
+        try:
+            raise ValueError(f"item inválido {item!r} fone (11) 98765-4321")
+        except ValueError:
+            record.exc_info = sys.exc_info()
+        SafetyFilter(secrets=("tok-123456",), show_pii=show_pii).filter(record)
+        assert ("CONCEI" in record.msg and "98765" in record.msg) is show_pii, record.msg

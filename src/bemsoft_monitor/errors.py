@@ -19,13 +19,13 @@ class MapFileError(ConfigError):
     """A mapping file (tests map, material map) cannot be used."""
 
 
-class DatabaseUnavailable(MonitorError):
+class DatabaseUnavailable(MonitorError):  # noqa: N818 - names other modules import; a rename gains nothing
     """The LIS or state database cannot be reached right now (transient)."""
 
 
-class LeaseLost(MonitorError):
+class LeaseLost(MonitorError):  # noqa: N818 - names other modules import; a rename gains nothing
     """Another monitor holds the lease on the state store."""
 
 
-class CatalogUnavailable(MonitorError):
+class CatalogUnavailable(MonitorError):  # noqa: N818 - names other modules import; a rename gains nothing
     """Bemsoft's /tests could not be loaded and no good copy exists."""

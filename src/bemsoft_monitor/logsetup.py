@@ -48,9 +48,19 @@ PATIENT_KEYS = NAME_KEYS | frozenset({
 # "key": "value" or 'key': 'value' of a patient field inside any logged text (a JSON dump
 # of a payload, the repr of a dict): the value is masked even when the caller forgot to.
 _FIELD = re.compile(
-    r"""(?P<q>["'])(?P<key>%s)(?P=q)(?P<sep>\s*:\s*)(?P<vq>["'])(?P<value>(?:\\.|(?!(?P=vq)).)*)(?P=vq)"""
-    % "|".join(sorted(PATIENT_KEYS, key=len, reverse=True))
+    r"""(?P<q>["'])(?P<key>"""
+    + "|".join(sorted(PATIENT_KEYS, key=len, reverse=True))
+    + r""")(?P=q)(?P<sep>\s*:\s*)(?P<vq>["'])(?P<value>(?:\\.|(?!(?P=vq)).)*)(?P=vq)"""
 )
+_DATE_REPR = r"datetime\.date(?:time)?\([^)]*\)"
+# The same fields as Python writes them in a repr: ``'datanasc': datetime.date(1990, 5, 15)``
+# (a dict) or ``patient_name='MARIA'`` (a dataclass such as LisItem, in an error message).
+# A bare ``name=`` is left alone: catalogue entries and exams have names too.
+_KEYS_RE = "|".join(sorted(PATIENT_KEYS, key=len, reverse=True))
+_KWARG_KEYS_RE = "|".join(sorted(PATIENT_KEYS - {"name"}, key=len, reverse=True))
+_DICT_DATE = re.compile(rf"""(?P<head>(?P<q>["'])(?:{_KEYS_RE})(?P=q)\s*:\s*){_DATE_REPR}""")
+_KWARG = re.compile(rf"""\b(?P<key>{_KWARG_KEYS_RE})="""
+                    rf"""(?P<value>'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|{_DATE_REPR})""")
 # externalId of a patient identified by CPF: ``cpf-12345678909`` or the compact ``c12345678909``.
 _CPF_EXTID = re.compile(r"^(?:cpf-|c)\d{11}$")
 
@@ -76,9 +86,18 @@ def _mask_field(match: re.Match[str]) -> str:
             f"{match.group('vq')}{masked}{match.group('vq')}")
 
 
+def _mask_kwarg(match: re.Match[str]) -> str:
+    key, value = match.group("key"), match.group("value")
+    if value[:1] in "'\"" and key in NAME_KEYS:
+        return f"{key}={value[0]}{mask_name(value[1:-1])}{value[0]}"
+    return f"{key}='***'"
+
+
 def mask_text(text: str) -> str:
     """Mask CPFs, e-mails, phone numbers and patient fields written as JSON/dict items."""
     text = _FIELD.sub(_mask_field, text)
+    text = _DICT_DATE.sub(lambda m: f"{m.group('head')}'***'", text)
+    text = _KWARG.sub(_mask_kwarg, text)
     text = _CPF.sub(lambda m: f"***.***.***-{m.group(4)}", text)
     text = _EMAIL.sub("***@***", text)
     return _PHONE.sub("(**) *****-****", text)
@@ -257,7 +276,7 @@ def _route_uncaught_exceptions() -> None:
         if args.exc_type is SystemExit:
             return
         crash.critical("erro inesperado na thread %s", getattr(args.thread, "name", "?"),
-                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+                       exc_info=args.exc_value if args.exc_value is not None else True)
 
     sys.excepthook = hook
     threading.excepthook = thread_hook
