@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 from pathlib import Path
+
+import pytest
 
 from bemsoft_monitor.simulator import Simulator, load_catalog_sample
 
@@ -83,4 +88,43 @@ def test_refused_report_cells_cannot_start_an_excel_formula(
     cells = [c for line in report.splitlines()[1:] for c in line.split(";")]
     assert cells
     assert not any(c.lstrip('"').startswith(("=", "+", "-", "@")) for c in cells), report
+    monitor.close()
+
+
+def test_refused_report_keeps_one_header_across_runs_and_opens_in_excel(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    first = lis.item(1, "NOVO", DescExames="ÁCIDO ÚRICO NOVO")
+    monitor, _parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    drive(monitor, clock)
+    monitor.close()
+    lis.requisition(2)
+    second = lis.item(2, "GLI")  # two variants, no material map
+    monitor, _parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)  # a restart
+    drive(monitor, clock)
+    monitor.close()
+    raw = (tmp_path / "recusados.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and raw.count(b"\xef\xbb\xbf") == 1
+    rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8-sig")), delimiter=";"))
+    assert [r["item"] for r in rows] == [str(first), str(second)]
+    assert rows[0]["descricao"] == "ÁCIDO ÚRICO NOVO"
+    assert "BEMSOFT_TEST_MAP_PATH" in rows[0]["motivo"]
+    assert "BEMSOFT_MATERIAL_MAP_PATH" in rows[1]["motivo"] and "URINA" in rows[1]["motivo"]
+
+
+def test_an_unwritable_refused_report_loses_nothing(  # noqa: PLR0917 - pytest fixtures
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "recusados.csv").mkdir()  # as good as a file locked by Excel
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    novo = lis.item(1, "NOVO")
+    monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    with caplog.at_level(logging.ERROR):
+        drive(monitor, clock)
+    assert _saved_codes(sim) == ["FE"]
+    assert [r.item_id for r in parts.store.items_by_state("refused")] == [novo]
+    assert "relatório de itens recusados" in caplog.text
     monitor.close()

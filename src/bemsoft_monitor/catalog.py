@@ -859,10 +859,12 @@ class Resolver:
                 "acima"
             )
         else:
+            example = variants[0].specimen_id
             advice = (
-                f'acrescente a linha "{code};<material>" (ex.: {code};{variants[0].specimen_id})'
-                " ao arquivo indicado em BEMSOFT_MATERIAL_MAP_PATH (defina essa variável no .env "
-                "se ainda não existir) ou use BEMSOFT_VARIANT_POLICY=first"
+                f'indique o material de {code} no mapa de materiais BEMSOFT_MATERIAL_MAP_PATH: a '
+                f'linha "{code};<material>" no CSV (ex.: {code};{example}) ou "{code}": '
+                f'"{example}" no JSON (crie o arquivo e defina a variável no .env se ainda não '
+                "existirem) — ou, aceitando o risco de tubo errado, BEMSOFT_VARIANT_POLICY=first"
             )
         reason = (
             f"exame {support_id} (código local {code}) tem {len(variants)} variantes de material "

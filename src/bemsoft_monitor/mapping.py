@@ -278,7 +278,10 @@ def _check_one(usage: CodeUsage, resolver: Resolver, files: MapFiles) -> CodeRep
                    f"única variante; use um destes: {options}")
         else:
             first = resolution.variants[0].specimen_id if resolution.variants else "<material>"
-            fix = (f'acrescente a linha "{code};<material>" (ex.: {code};{first}) em {where}; '
+            path = files.material_map
+            line = (f'"{code}": "{first}"' if path is not None and path.suffix.lower() == ".json"
+                    else f"{code};{first}")
+            fix = (f"acrescente {line} (com o material certo) em {where}; "
                    f"materiais possíveis: {options}")
     else:  # no_catalog
         detail = "catálogo /tests da Bemsoft não carregado"
