@@ -510,6 +510,13 @@ def test_parse_odbc_attributes_keeps_braced_values() -> None:
 # --- mistakes a lab's IT person makes in the .env ---------------------------------------------
 
 
+def test_decimal_comma_is_reported_with_the_fix() -> None:
+    problems = problems_of(DB_URL="sqlite://", TERCEIROS="A", BEMSOFT_DRY_RUN="1",
+                           POLL_SECONDS="0,5")
+    (line,) = lines_for(problems, "POLL_SECONDS")
+    assert "'0,5'" in line and "use ponto" in line
+
+
 def test_default_gender_accepts_the_portuguese_words() -> None:
     common = {"db_url": "sqlite://", "terceiros": "A", "bemsoft_dry_run": True}
     assert Settings(**common, default_gender="Masculino").default_gender == "M"

@@ -835,8 +835,8 @@ def describe_validation_error(exc: ValidationError) -> list[str]:
 
 
 _PT_ERRORS = {
-    "float_parsing": "não é um número",
-    "float_type": "não é um número",
+    "float_parsing": "não é um número; use ponto como separador decimal, ex.: 0.5",
+    "float_type": "não é um número; use ponto como separador decimal, ex.: 0.5",
     "int_parsing": "não é um número inteiro",
     "int_from_float": "não é um número inteiro",
     "int_type": "não é um número inteiro",
