@@ -1,15 +1,23 @@
 """Each Bemsoft response maps to one outcome and one outbox state (bemsoft-api.md table)."""
 
+# ruff: noqa: S105, S106  # fake tokens are the subject under test
+
 from __future__ import annotations
 
 import datetime as dt
+import http.server
+import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from bemsoft_monitor.bemsoft import BemsoftClient, Kind, classify
-from bemsoft_monitor.simulator import Simulator
+from bemsoft_monitor.simulator import Simulator, load_catalog_sample
+from bemsoft_monitor.store import idempotency_key, item_set_hash
 
 from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
 
@@ -121,10 +129,6 @@ def test_409_after_a_lost_answer_means_delivered(
 
 def test_409_on_the_first_use_of_a_key_goes_to_conferir(
         lis_sqlite: Lis, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
-    import requests
-
-    from bemsoft_monitor.store import idempotency_key, item_set_hash
-
     monitor, _ = make_monitor(make_settings(_url(tmp_path), tmp_path, sim), clock)
     key = idempotency_key(1, 1, item_set_hash([1]), 1)
     # Another tool used the key first: our first attempt meets a 409 it cannot explain.
@@ -307,11 +311,8 @@ def test_tls_failure_is_one_outcome_with_a_clear_reason(sim: Simulator) -> None:
 
 def test_redirect_from_a_real_server_is_not_followed_and_not_lost(
         tmp_path: Path, clock: FakeClock) -> None:
-    import http.server
-    import threading
-
     class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server API
+        def do_POST(self) -> None:
             self.send_response(301)
             self.send_header("Location", "https://bemsoft.example/requests")
             self.send_header("Content-Length", "0")
@@ -330,11 +331,6 @@ def test_redirect_from_a_real_server_is_not_followed_and_not_lost(
         lis.patient()
         lis.requisition(1)
         lis.item(1, "FE", item_id=1)
-        import json
-        import time
-
-        from bemsoft_monitor.simulator import load_catalog_sample
-
         # A good catalogue copy from yesterday: the redirect hits only the order.
         (tmp_path / "catalogo.json").write_text(json.dumps(
             {"format": 1, "fetched_at": time.time(), "tests": load_catalog_sample()}),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from bemsoft_monitor.app import build_monitor, build_parts
 from bemsoft_monitor.bemsoft import BemsoftClient
 from bemsoft_monitor.simulator import Simulator
 from bemsoft_monitor.store import StateStore
@@ -82,7 +83,7 @@ def test_initial_item_id_max_skips_history(
     lis.patient()
     lis.requisition(1)
     lis.item(1, "FE", item_id=5)
-    monitor, parts = make_monitor(
+    monitor, _ = make_monitor(
         make_settings(db_url, tmp_path, sim, initial_item_id="max"), clock)
     drive(monitor, clock)
     assert sim.saved_tests() == []
@@ -107,7 +108,7 @@ def test_debounce_is_kept_in_the_store_and_survives_a_restart(
     first.close()
     # A new process 200 s later: the debounce still counts from first sight.
     lis.item(7, "TSH", item_id=2)
-    second, parts = make_monitor(settings, clock)
+    second, _ = make_monitor(settings, clock)
     second.cycle()
     assert sim.calls() == []
     clock.advance(101)
@@ -162,8 +163,6 @@ def test_dry_run_shows_payloads_and_makes_no_http_call_nor_state_change(
     lis.item(1, "FE", item_id=1)
     shown: list[dict] = []
     settings = make_settings(db_url, tmp_path, sim, bemsoft_dry_run=True)
-    from bemsoft_monitor.app import build_monitor, build_parts
-
     parts = build_parts(settings)
     monitor = build_monitor(parts, clock=clock)
     monitor.show_payload = lambda order: shown.append(order.payload)
