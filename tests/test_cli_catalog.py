@@ -29,7 +29,8 @@ DEMO_CODES = {"(sem código)", "XYZ9", "gli", "CREA", "FE", "HEMOGRAMA", "PSA", 
               "TSH", "VITD"}
 
 
-def cli(folder: Path, *args: str, base_url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(folder: Path, *args: str, base_url: str,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BEMSOFT_", "DB_", "LOG_"))}
     env.update(BEMSOFT_BASE_URL=base_url, COLUMNS="250", PYTHONIOENCODING="utf-8")
     return subprocess.run([sys.executable, "-m", "bemsoft_monitor", *args], cwd=folder,
@@ -96,7 +97,8 @@ def test_search_ignores_case_and_accents_and_fails_when_nothing_matches(
     assert "nenhum exame do catálogo" in none.stderr
 
 
-def test_show_lists_the_variants_of_an_ambiguous_code_and_the_fix(demo: Path, sim: Simulator) -> None:
+def test_show_lists_the_variants_of_an_ambiguous_code_and_the_fix(demo: Path,
+                                                                   sim: Simulator) -> None:
     res = cli(demo, "catalog", "show", "GLI", base_url=sim.url)
     print(res.stdout)
     assert res.returncode == 1  # the local code GLI would be refused
@@ -115,7 +117,8 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text), delimiter=";"))
 
 
-def test_mapping_check_lists_every_demo_exam_with_its_resolution(demo: Path, sim: Simulator) -> None:
+def test_mapping_check_lists_every_demo_exam_with_its_resolution(demo: Path,
+                                                                  sim: Simulator) -> None:
     report = demo / "mapeamento.csv"
     res = cli(demo, "mapping", "check", "--csv", str(report), base_url=sim.url)
     print(res.stdout, res.stderr)
@@ -259,3 +262,16 @@ def test_demo_done_when_mapping_check_then_fix_then_retry_refused(tmp_path: Path
     print(data)
     assert data["refused_items"] == 1  # only the item without any exam code is left
 
+
+
+def test_catalog_sync_accepts_a_much_smaller_catalogue_and_shows_what_left(
+        demo: Path, sim: Simulator) -> None:
+    assert cli(demo, "catalog", "sync", base_url=sim.url).returncode == 0
+    before = len(sim.catalog())
+    sim.set_catalog(sim.catalog()[:10])  # the monitor itself would refuse this as cut short
+    res = cli(demo, "catalog", "sync", base_url=sim.url)
+    print(res.stdout, res.stderr)
+    assert res.returncode == 0, res.stderr
+    assert f"0 novo(s), {before - 10} removido(s)" in res.stdout.replace("\n", " ")
+    saved = json.loads((demo / "catalogo_bemsoft.json").read_text(encoding="utf-8"))
+    assert len(saved["tests"]) == 10

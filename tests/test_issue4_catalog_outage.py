@@ -349,3 +349,28 @@ def test_catalog_sync_in_another_process_sends_items_refused_by_the_running_moni
     assert parts.store.items_by_state("refused") == []
     monitor.close()
     lis.dispose()
+
+
+def test_a_catalogue_cut_to_less_than_half_is_refused_unless_a_person_syncs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    full = parse_catalog(load_catalog_sample(), source="x")
+    first_page = full[:10]  # what a paginated /tests would give
+    answers = [full, first_page]
+    cache = CatalogCache(fetch=lambda: answers[0], path=tmp_path / "catalogo.json",
+                         ttl_s=3600, min_refresh_s=0)
+    assert cache.refresh() is True
+    answers.pop(0)
+    with caplog.at_level(logging.WARNING, logger="bemsoft_monitor.catalog"):
+        assert cache.refresh() is False  # the monitor's own refreshes
+    assert cache.catalog is not None and len(cache.catalog) == len(full)
+    assert cache.last_error is not None and "parece incompleta" in cache.last_error
+    assert "catalog sync" in cache.last_error
+    assert cache.refresh_on_miss() is False
+    assert cache.refresh(accept_shrink=True) is True  # `catalog sync` accepts it
+    assert cache.catalog is not None and len(cache.catalog) == 10
+    # Back to the full catalogue, then removing a few tests is an ordinary change.
+    answers[0] = full
+    assert cache.refresh() is True
+    answers[0] = full[:-3]
+    assert cache.refresh() is True
+    assert cache.catalog is not None and len(cache.catalog) == len(full) - 3

@@ -653,6 +653,11 @@ class Catalog:
         """Every entry, in the catalogue's order."""
         return self._entries
 
+    @property
+    def test_count(self) -> int:
+        """Distinct test ids (a test with three specimens counts once)."""
+        return len(self._by_id)
+
     def variants(self, test_id: str) -> list[CatalogEntry]:
         """Entries (one per specimen) for a test id, trimmed and case-insensitive."""
         return list(self._by_id.get(normalize_code(test_id), ()))
@@ -876,6 +881,10 @@ class Resolver:
 # --- cached copy ------------------------------------------------------------------------------
 
 _CACHE_FORMAT = 1
+#: A refresh keeping less than this share of the tests in use is taken for a cut answer...
+_MIN_KEPT_SHARE = 0.5
+#: ...once the copy in use is a real catalogue (tiny test catalogues may change wholesale).
+_SHRINK_CHECK_FROM = 20
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -946,10 +955,14 @@ class CatalogCache:
 
     # --- refreshing -----------------------------------------------------------------------
 
-    def refresh(self) -> bool:
-        """Fetch now; True on success (copy persisted), False keeping the old copy."""
+    def refresh(self, *, accept_shrink: bool = False) -> bool:
+        """Fetch now; True on success (copy persisted), False keeping the old copy.
+
+        A catalogue with less than half the tests of the copy in use is refused as
+        incomplete unless ``accept_shrink`` (``catalog sync``: a person asked for it).
+        """
         with self._lock:
-            return self._refresh_locked()
+            return self._refresh_locked(accept_shrink=accept_shrink)
 
     def refresh_if_stale(self) -> bool:
         """Refresh when there is no snapshot or it is older than ``ttl_s``; True when it changed."""
@@ -985,7 +998,7 @@ class CatalogCache:
         finally:
             self._lock.release()
 
-    def _refresh_locked(self) -> bool:
+    def _refresh_locked(self, *, accept_shrink: bool = False) -> bool:
         self._last_attempt_at = self._clock()
         try:
             entries = list(self._fetch())
@@ -995,6 +1008,8 @@ class CatalogCache:
                     "BEMSOFT_TESTS_ENDPOINT e se o token tem acesso ao catálogo do laboratório"
                 )
             catalog = Catalog(entries)
+            if not accept_shrink:
+                self._check_not_truncated(catalog)
         except Exception as exc:
             self._last_attempt_failed = True
             self.last_error = f"falha ao atualizar o catálogo /tests: {_describe_error(exc)}"
@@ -1015,6 +1030,20 @@ class CatalogCache:
         self._persist(catalog, fetched_at)
         log.info("catálogo atualizado: %d itens", len(catalog))
         return True
+
+    def _check_not_truncated(self, new: Catalog) -> None:
+        # A first page of a paginated answer, or a proxy cutting the body, would otherwise
+        # replace a good catalogue and refuse every exam that vanished from it.
+        old = self.catalog
+        if old is None or old.test_count < _SHRINK_CHECK_FROM:
+            return
+        if new.test_count < old.test_count * _MIN_KEPT_SHARE:
+            raise CatalogFormatError(
+                f"GET /tests devolveu só {new.test_count} exames, e a cópia em uso tem "
+                f"{old.test_count}; a resposta parece incompleta (paginação ou corte no "
+                "caminho?) — se a redução é real, rode 'bemsoft-monitor catalog sync' para "
+                "aceitá-la"
+            )
 
     # --- file -------------------------------------------------------------------------------
 

@@ -180,14 +180,15 @@ def catalog_sync() -> None:
     """Baixa agora o catálogo GET /tests e grava a cópia local (BEMSOFT_CATALOG_CACHE).
 
     Se a Bemsoft não responder ou responder algo inválido, a cópia anterior é mantida e o
-    código de saída é 1.
+    código de saída é 1. Um catálogo bem menor que o anterior, que o monitor recusa como
+    incompleto, é aceito aqui (o resumo mostra quantos exames saíram).
     """
     settings = settings_or_exit()
     configure_logging(settings)
     cache = _cache(settings)
     previous, previous_at = cache.catalog, cache.loaded_at
     started = time.monotonic()
-    if not cache.refresh():
+    if not cache.refresh(accept_shrink=True):
         if previous is not None:
             kept = (f"cópia anterior mantida, de {_when(previous_at)} ({len(previous)} itens, "
                     f"{cache.path})")
