@@ -608,3 +608,14 @@ def test_saved_listing_is_read_only(sim: Simulator) -> None:
         assert "não permitido" in response.json()["message"]
     assert requests.get(f"{sim.url}/saved", timeout=5).json() == before
     assert before["count"] == 2
+
+
+def test_simulator_command_reports_a_bad_catalog_file_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "catalogo.json"
+    path.write_text('{"tests": [{"id": "FE"}]}', encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "bemsoft_monitor", "simulator", "--port", "0",
+                           "--catalog", str(path)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "tests[0].specimen" in proc.stderr
