@@ -585,3 +585,5 @@ def test_settings_from_values_ignore_the_machine_environment_and_env_file(
     assert isinstance(s, Settings)
     with pytest.raises(ConfigError):
         config.settings_from_values(db_url="sqlite://", terceiros="A", poll_seconds="abc")
+    write_env(clean_env, MINIMAL + "DB_PASSWORD=x\n")
+    assert not any("DB_PASSWORD" in w for w in config_warnings(s))  # it read no .env

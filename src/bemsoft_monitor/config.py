@@ -715,7 +715,8 @@ def config_warnings(settings: Settings) -> list[str]:
         out.append("DB_SERVER/DB_NAME/DB_USER/DB_PASS: ignorados porque DB_URL está preenchido")
     if settings.verify is False:
         out.append("BEMSOFT_VERIFY=0: certificado TLS da Bemsoft não é verificado")
-    out.extend(unknown_env_keys())
+    if not isinstance(settings, _ValuesOnlySettings):  # those read no .env at all
+        out.extend(unknown_env_keys())
     return out
 
 
