@@ -395,3 +395,35 @@ def test_lis_engine_reads_in_a_transaction_without_blocking_writers(tmp_path: Pa
         assert conn.connection.dbapi_connection.in_transaction  # BEGIN was really sent
         assert _try_write_lock(path)  # plain BEGIN + WAL: the LIS writer is not held up
     engine.dispose()
+
+
+def test_freetds_with_instance_and_port_connects_by_port() -> None:
+    attrs = attributes(odbc_connection_string(settings(odbc_driver="FreeTDS",
+                                                       db_server=r"srv\SQLEXPRESS,1500")))
+    assert (attrs["SERVER"], attrs["Port"]) == ("srv", "1500")
+
+
+def test_microsoft_driver_keeps_tcp_prefix_and_instance_with_port() -> None:
+    assert attributes(odbc_connection_string(settings(db_server="tcp:srv,1433")))["SERVER"] == (
+        "tcp:srv,1433")
+    assert attributes(odbc_connection_string(settings(db_server=r"srv\INST,1533")))[
+        "SERVER"] == r"srv\INST,1533"
+
+
+def test_user_and_driver_path_with_special_characters_are_braced(tmp_path: Path) -> None:
+    odd = tmp_path / "drv}x" / "libmsodbcsql-18.so"
+    odd.parent.mkdir()
+    odd.write_bytes(b"")
+    conn = odbc_connection_string(settings(db_user="lab;user", db_pass="{pw}",
+                                           odbc_driver=str(odd)))
+    attrs = attributes(conn)
+    assert (attrs["UID"], attrs["PWD"], attrs["DRIVER"]) == ("lab;user", "{pw}", str(odd))
+    assert "UID={lab;user}" in conn and "PWD={{pw}}}" in conn
+
+
+def test_mssql_python_passes_extra_attributes_unbraced_for_sqlalchemy_to_quote() -> None:
+    url = lis_url(settings(db_driver="mssql-python", db_odbc_extra="ApplicationIntent=ReadOnly;"
+                           "HostNameInCertificate={a;b}"))
+    assert isinstance(url, URL)
+    assert url.query["ApplicationIntent"] == "ReadOnly"
+    assert url.query["HostNameInCertificate"] == "a;b"
