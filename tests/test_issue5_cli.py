@@ -269,3 +269,34 @@ def test_status_json_lease_has_stable_keys(tmp_path: Path, sim: Simulator) -> No
                                    "resolved"}
     assert set(data["items"]) == {"pending", "ordered", "delivered", "refused", "cancelled",
                                   "dead", "conferir"}
+
+
+def test_retry_prints_brackets_in_names_and_messages_as_they_are(tmp_path: Path,
+                                                                  sim: Simulator) -> None:
+    """A file name or a message with "[bold]" is shown as it is, not taken as console markup."""
+    settings = demo(tmp_path, sim)
+    failed = Path(settings.failed_dir)
+    failed.mkdir(parents=True, exist_ok=True)
+    (failed / "falha[bold].json").write_text('{"reason": "x", "event": {"a": 1}}',
+                                             encoding="utf-8")
+    for i in range(11):  # ten or more: the summary table instead of one line per file
+        (failed / f"lote[red]{i:02d}.json").write_text("{", encoding="utf-8")
+    proc = run_cli(tmp_path, "retry", "--limit", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "falha[bold].json" in proc.stdout and "formato desconhecido" in proc.stdout
+    table = run_cli(tmp_path, "retry")
+    assert table.returncode == 0, table.stderr
+    assert "lote[red]00.json" in table.stdout and "Arquivos processados" in table.stdout
+
+
+def test_retry_move_ok_folder_that_cannot_be_created_is_one_line_and_exit_2(
+        tmp_path: Path, sim: Simulator) -> None:
+    _settings, files = dead_letter_demo(tmp_path, sim)
+    blocker = tmp_path / "arquivo"
+    blocker.write_text("x", encoding="utf-8")
+    before = posts(sim)
+    proc = run_cli(tmp_path, "retry", "--send", "--move-ok", str(blocker / "enviados"))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("✗ --move-ok: não foi possível usar a pasta")
+    assert posts(sim) == before and all(f.exists() for f in files)  # nothing sent or moved

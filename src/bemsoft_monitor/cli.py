@@ -32,7 +32,7 @@ RET_CHECK_FAILED = 3
 RET_NOTHING_TO_DO = 0
 
 log = logging.getLogger("bemsoft_monitor")
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one message, one line
 
 app = typer.Typer(
     name="bemsoft-monitor",
@@ -211,7 +211,8 @@ def simulator(
     from .simulator import serve
 
     if catalog is not None and not catalog.is_file():
-        err_console.print(f"✗ arquivo de catálogo não encontrado: {catalog}", highlight=False)
+        err_console.print(f"✗ arquivo de catálogo não encontrado: {catalog}", highlight=False,
+                          markup=False)
         raise typer.Exit(RET_CONFIG)
     serve(host=host, port=port, token=token, catalog_path=catalog, extid_max=extid_max,
           latency_s=latency)

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import sqlalchemy as sa
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -110,9 +111,10 @@ def _prepare_move_ok(move_ok: Path | None) -> None:
 
 def _print_row(row: ops.RetryRow) -> None:
     style = RESULT_STYLE.get(row.result, "")
-    out.print(f"[{style}]{row.result:>13}[/] {row.file.name} (solicitação {row.requisition}): "
-              f"{row.detail}" + (f" → movido para {row.moved_to}" if row.moved_to else ""),
-              highlight=False)
+    # File names, Bemsoft's messages and LIS text may hold "[...]": never read as markup.
+    text = (f"{row.file.name} (solicitação {row.requisition}): {row.detail}"
+            + (f" → movido para {row.moved_to}" if row.moved_to else ""))
+    out.print(f"[{style}]{row.result:>13}[/] {escape(text)}", highlight=False)
     for block in row.verbose:
         out.print(block, markup=False, highlight=False)
 
@@ -124,8 +126,8 @@ def _summary(summary: ops.RetrySummary, *, send: bool, shown_one_by_one: bool) -
             table.add_column(col, overflow="fold")
         for row in summary.rows[:TABLE_ROWS]:
             style = RESULT_STYLE.get(row.result, "")
-            table.add_row(row.file.name, row.requisition, f"[{style}]{row.result}[/]",
-                          row.detail)
+            table.add_row(escape(row.file.name), escape(row.requisition),
+                          f"[{style}]{row.result}[/]", escape(row.detail))
         if len(summary.rows) > TABLE_ROWS:
             table.add_row("…", "", "", f"e mais {len(summary.rows) - TABLE_ROWS} arquivo(s); "
                                        "use --limit ou --verbose")
@@ -178,7 +180,8 @@ def _retry_refused(settings: Settings, *, send: bool, verbose: bool) -> None:
     if result.still:
         out.print(_refused_table(f"Ainda recusados ({len(result.still)})", result.still,
                                  verbose))
-        out.print(f"Motivos também em {settings.refused_report}. Corrija e rode de novo.")
+        out.print(f"Motivos também em {escape(str(settings.refused_report))}. Corrija e rode "
+                  "de novo.")
     raise typer.Exit(RET_ERROR if result.failed else RET_OK)
 
 
@@ -188,8 +191,8 @@ def _refused_table(title: str, rows: list[Any], verbose: bool) -> Table:
         table.add_column(col, overflow="fold")
     for row in rows[:None if verbose else TABLE_ROWS]:
         code = (row.snapshot.conv_code or "").strip() if row.snapshot else ""
-        table.add_row(str(row.requisition_id), str(row.item_id), code or "(sem código)",
-                      row.reason or "")
+        table.add_row(str(row.requisition_id), str(row.item_id),
+                      escape(code) if code else "(sem código)", escape(row.reason or ""))
     if not verbose and len(rows) > TABLE_ROWS:
         table.add_row("…", "", "", f"e mais {len(rows) - TABLE_ROWS}; use --verbose")
     return table
@@ -238,7 +241,7 @@ def retry(
         return
     paths, where = _retry_files_to_process(settings, folder, files, limit)
     if not paths:
-        out.print(f"Nenhum evento com falha em {where}: nada a reenviar.")
+        out.print(f"Nenhum evento com falha em {escape(str(where))}: nada a reenviar.")
         raise typer.Exit(RET_OK)
     if send:
         _prepare_move_ok(move_ok)
@@ -262,7 +265,8 @@ def retry(
                  "envio real" if send else "simulação")
         one_by_one = verbose or len(paths) < PROGRESS_FROM
         if not send:
-            out.print(f"Simulação (nada será enviado): {len(paths)} arquivo(s) de {where}. "
+            out.print(f"Simulação (nada será enviado): {len(paths)} arquivo(s) de "
+                      f"{escape(str(where))}. "
                       "Use --send para enviar"
                       + (" (--move-ok só move arquivos com --send)." if move_ok else "."))
         try:
@@ -320,7 +324,7 @@ def _status_table(data: dict[str, Any]) -> Table:
     table = Table(title=f"Bemsoft Monitor {data['version']}: situação", show_header=False)
     table.add_column("O quê", style="bold")
     table.add_column("Valor", overflow="fold")
-    table.add_row("Banco de estado", data["state_db"])
+    table.add_row("Banco de estado", escape(data["state_db"]))
     table.add_row("Modo", "DRY_RUN (nada é enviado)" if data["dry_run"] else "envio real")
     if not data["initialized"]:
         table.add_row("Situação", "o monitor ainda não rodou neste banco de estado")
@@ -334,7 +338,7 @@ def _status_table(data: dict[str, Any]) -> Table:
     table.add_row("Itens", ", ".join(f"{ITEM_LABELS[k]}: {v}" for k, v in data["items"].items()))
     table.add_row("Mais antigo na fila", _age(data["oldest_waiting_age_s"]))
     table.add_row("Falhas (FAILED_DIR)", f"{data['dead_letters']} pedido(s); "
-                  f"{data['failed_files']} arquivo(s) em {data['failed_dir']}")
+                  f"{data['failed_files']} arquivo(s) em {escape(data['failed_dir'])}")
     table.add_row("Recusados / conferir", f"{data['refused_items']} item(ns) / "
                   f"{data['conferir']} pedido(s)")
     entries = data["catalog_entries"]
@@ -343,11 +347,11 @@ def _status_table(data: dict[str, Any]) -> Table:
     lease = data["lease"]
     if lease:
         state = "expirada" if lease["expired"] else f"válida até {lease['expires_at']}"
-        table.add_row("Trava (lease)", f"{lease['holder']} ({state})")
+        table.add_row("Trava (lease)", f"{escape(lease['holder'])} ({state})")
     else:
         table.add_row("Trava (lease)", "livre")
-    table.add_row("Envio pausado (token)", f"SIM: {data['auth_paused']}" if data["auth_paused"]
-                  else "não")
+    table.add_row("Envio pausado (token)", f"SIM: {escape(data['auth_paused'])}"
+                  if data["auth_paused"] else "não")
     return table
 
 
@@ -388,7 +392,7 @@ def check(
         settings = load_settings()
     except ConfigError as exc:
         for problem in exc.problems:
-            out.print(f"[red]✗[/] configuração: {problem}", highlight=False)
+            out.print(f"[red]✗[/] configuração: {escape(problem)}", highlight=False)
         out.print("Corrija o .env (veja .env.example) e rode de novo.")
         raise typer.Exit(RET_CHECK_FAILED) from None
     failed = 0
