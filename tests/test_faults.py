@@ -57,6 +57,36 @@ def write_env(folder: Path, sim: Simulator, url: str, **extra: str) -> dict[str,
     return env
 
 
+class StderrReader:
+    """Collects a child's stderr in a thread, so a test can wait for a line while it runs."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        assert proc.stderr is not None
+        self.stream = proc.stderr
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.stream:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+
+    def text(self) -> str:
+        with self.cond:
+            return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout_s: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: needle in "".join(self.lines), timeout_s)
+
+    def finish(self) -> str:
+        self.thread.join(timeout=30)
+        return self.text()
+
+
 class Writer(threading.Thread):
     """The lab's system: requisitions keep arriving, items one transaction at a time."""
 
@@ -155,10 +185,15 @@ def test_two_monitors_never_send_concurrently_and_the_survivor_takes_over(
         writer.start()
         first = subprocess.Popen(monitor_cmd(), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        first_log = StderrReader(first)
+        # Start the second only once the first holds the lease (a loaded machine starts
+        # processes slowly), and kill the first only once the second is waiting for it.
+        assert first_log.wait_for("trava do monitor obtida", 60), first_log.text()[-3000:]
         second = subprocess.Popen(monitor_cmd(), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)
+        second_log = StderrReader(second)
+        assert second_log.wait_for("outro monitor está ativo", 60), second_log.text()[-3000:]
+        time.sleep(0.5)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         time.sleep(1.0)
@@ -171,7 +206,9 @@ def test_two_monitors_never_send_concurrently_and_the_survivor_takes_over(
                 break
             time.sleep(0.1)
         second.send_signal(signal.SIGTERM)
-        _, err2 = second.communicate(timeout=60)
+        second.wait(timeout=60)
+        err2 = second_log.finish()
+        first_log.finish()
         assert second.returncode == 0, err2[-3000:]
         assert "outro monitor está ativo" in err2
         assert "trava do monitor obtida" in err2

@@ -69,7 +69,8 @@ def start_env(tmp_path: Path, sim: Simulator, db_url: str | None = None,
     lis.item(2, "FE")
     sim.set_token(BEMSOFT_TOKEN)
     sim.set_faults([{"kind": "status", "status": 422}])
-    values: dict[str, Any] = {"painel_token": PAINEL_TOKEN}
+    # One sender, so requisition 1 is the first POST and meets the 422.
+    values: dict[str, Any] = {"painel_token": PAINEL_TOKEN, "bemsoft_concurrency": 1}
     values.update(settings)
     s = make_settings(url, tmp_path, sim, **values)
     clock = FakeClock()

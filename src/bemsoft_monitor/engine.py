@@ -38,7 +38,9 @@ from .store import (
     ORDER_DEAD,
     ORDER_DELIVERED,
     ORDER_PENDING,
+    Finish,
     OrderRow,
+    SettlePlan,
     StateStore,
 )
 from .transform import build_orders
@@ -49,6 +51,10 @@ FLAG_AUTH_PAUSED = "AuthPaused"
 FLAG_LAST_POLL = "LastSuccessfulPoll"
 BREAKER_THRESHOLD = 3
 MAX_BATCHES_PER_CYCLE = 20
+SETTLE_CHUNK = 50  # requisitions re-read and settled per transaction
+MAX_SETTLE_PER_CYCLE = 10_000
+RECORD_BATCH = 200  # answers recorded per transaction
+WORK_RECHECK_S = 30.0  # idle: outbox re-read at least this often (other processes' changes)
 POLL_FLAG_EVERY_S = 30.0
 
 
@@ -83,6 +89,37 @@ class CycleStats:
     sent: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     lease_held: bool = True
+
+
+class QuietUntil:
+    """"Nothing is due before T", valid while the state store's work version is unchanged.
+
+    Every write of this process that can make work due bumps the version; another process
+    (the ``retry`` command) is noticed at the next recheck, at most ``recheck_s`` later.
+    """
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.until: dt.datetime | None = None
+
+    def quiet(self, version: int, now: dt.datetime) -> bool:
+        return (self.version == version and self.until is not None
+                and store_naive(now) < self.until)
+
+    def remember(self, version: int, now: dt.datetime, next_at: dt.datetime | None,
+                 recheck_s: float) -> None:
+        limit = store_naive(now) + dt.timedelta(seconds=recheck_s)
+        self.version = version
+        self.until = limit if next_at is None else min(limit, next_at)
+
+
+@dataclass
+class _Decision:
+    """An answer's meaning: the row to write, what to do once written, flags to set with it."""
+
+    finish: Finish
+    effects: list[Callable[[], None]]
+    flags: dict[str, str | None] = field(default_factory=dict)
 
 
 class Breaker:
@@ -177,6 +214,11 @@ class Monitor:
         self._poll_flag_at: dt.datetime | None = None
         self._lease_renewed_at: dt.datetime | None = None
         self._unrecorded: list[tuple[OrderRow, Outcome]] = []
+        self._dead_files: dict[int, Path] = {}
+        # Idle polls skip the outbox queries while nothing can be due (see QuietUntil).
+        self._due_known = QuietUntil()
+        self._claim_known = QuietUntil()
+        self._recheck_s = min(WORK_RECHECK_S, 6 * settings.poll_seconds)
 
     # --- start / stop ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -207,12 +249,13 @@ class Monitor:
             if self._inflight:
                 log.info("parando: aguardando %d envio(s) em andamento (até %.0f s)",
                          len(self._inflight), grace)
-                done, _ = cf.wait(list(self._inflight), timeout=grace)
-                self._harvest(done)
+                cf.wait(list(self._inflight), timeout=grace)
+            self._record_pending()
             if self._inflight:
                 # Still on the wire: release them with the same key; a 409 later means
                 # delivered.
-                released = self.store.recover_inflight(now=self.clock.now())
+                released = self.store.recover_inflight(now=self.clock.now(),
+                                                       holder=self.holder)
                 log.warning("parando: %d envio(s) sem resposta liberado(s) para reenvio com a "
                             "mesma Idempotency-Key", released)
                 self._inflight.clear()
@@ -383,58 +426,93 @@ class Monitor:
 
     # --- settle ------------------------------------------------------------------------------------------
     def _settle_due(self, stats: CycleStats) -> None:
+        """Settle every due requisition, a chunk per transaction, sends running in between."""
         now = self.clock.now()
-        due = self.store.due_requisitions(now=now, limit=max(50, self.s.batch_size))
-        if not due:
+        if self._due_known.quiet(self.store.work_version, now):
             return
         resolver = self._resolver()
-        retried_catalog = False
-        for req_id in due:
-            with self.lis.connect() as conn:  # read-only, closed before any HTTP call
-                current = self.source.fetch_requisition(conn, req_id)
-                conn.rollback()
-            ledger = {row.item_id: row.state for row in self.store.requisition_items(req_id)}
+        catalog_retried = False
+        settled = 0
+        while settled < MAX_SETTLE_PER_CYCLE:
+            version = self.store.work_version
+            now = self.clock.now()
+            due = self.store.due_requisitions(now=now, limit=SETTLE_CHUNK)
+            if not due:
+                if settled == 0:
+                    self._due_known.remember(version, now, self.store.next_due_at(),
+                                             self._recheck_s)
+                return
+            resolver, catalog_retried = self._settle_chunk(due, stats, resolver,
+                                                           catalog_retried)
+            settled += len(due)
+            if len(due) < SETTLE_CHUNK:
+                return
+            # A backlog takes many chunks: record answers and start sends meanwhile.
+            self.pump()
+
+    def _settle_chunk(self, due: list[tuple[int, dt.datetime]], stats: CycleStats,
+                      resolver: Resolver, catalog_retried: bool) -> tuple[Resolver, bool]:
+        """Re-read a chunk of due requisitions from the LIS and settle them in one transaction."""
+        req_ids = [rid for rid, _version in due]
+        with self.lis.connect() as conn:  # read-only, closed before any HTTP call
+            current_of = self.source.fetch_requisitions(conn, req_ids)
+            conn.rollback()
+        ledgers = self.store.ledger_states(req_ids)
+        seqs = self.store.order_seqs(req_ids)
+        plans: list[SettlePlan] = []
+        by_req: dict[int, tuple[list[LisItem], list[int]]] = {}
+        for req_id, version in due:
+            current = current_of.get(req_id, [])
+            ledger = ledgers.get(req_id, {})
             sendable = [i for i in current
                         if ledger.get(i.item_id) in (None, ITEM_PENDING, ITEM_CANCELLED)]
             result = build_orders(sendable, settings=self.s, resolver=resolver,
-                                  first_seq=self.store.order_seq(req_id) + 1,
+                                  first_seq=seqs.get(req_id, 0) + 1,
                                   now=self.clock.now()) if sendable else None
             if (result is not None and result.refusals and self.catalog is not None
-                    and not self.s.bemsoft_dry_run and not retried_catalog and self._refusals_need_catalog(result)):
+                    and not self.s.bemsoft_dry_run and not catalog_retried
+                    and self._refusals_need_catalog(result)):
                 # A code missing from a cached catalogue may exist in a fresh one.
-                retried_catalog = True
+                catalog_retried = True
                 if self.catalog.refresh_on_miss():
                     resolver = self._resolver()
                     result = build_orders(sendable, settings=self.s, resolver=resolver,
-                                          first_seq=self.store.order_seq(req_id) + 1,
+                                          first_seq=seqs.get(req_id, 0) + 1,
                                           now=self.clock.now())
-            drafts = result.orders if result else []
-            refusals = result.refusals if result else []
-            to_send = [i for d in drafts for i in d.item_ids]
+            drafts = tuple(result.orders) if result else ()
+            refusals = tuple(result.refusals) if result else ()
+            current_ids = {i.item_id for i in current}
             gone = [iid for iid, st in ledger.items()
-                    if st == ITEM_PENDING and iid not in {i.item_id for i in current}]
-            order_ids = self.store.settle_requisition(
-                req_id, current=current, to_send_ids=to_send, drafts=drafts,
-                refusals=refusals, now=self.clock.now())
+                    if st == ITEM_PENDING and iid not in current_ids]
+            plans.append(SettlePlan(
+                req_id=req_id, current=tuple(current),
+                to_send_ids=tuple(i for d in drafts for i in d.item_ids),
+                drafts=drafts, refusals=refusals, version=version))
+            by_req[req_id] = (sendable, gone)
+        new_orders = self.store.settle_many(plans, now=self.clock.now())
+        for plan in plans:
+            sendable, gone = by_req[plan.req_id]
+            order_ids = new_orders.get(plan.req_id, [])
             stats.settled += 1
             stats.orders_created += len(order_ids)
-            stats.refused += len(refusals)
-            self.metrics.refused_items.inc(len(refusals))
+            stats.refused += len(plan.refusals)
             stats.cancelled += len(gone)
+            self.metrics.refused_items.inc(len(plan.refusals))
             if gone:
                 log.info("solicitação %s: %d item(ns) removido(s) do LIS antes do envio "
-                         "(cancelado(s))", req_id, len(gone))
-            if refusals:
-                by_id = {i.item_id: i for i in sendable}
-                for refusal in refusals:
-                    log.warning("solicitação %s, item %s recusado: %s", req_id,
+                         "(cancelado(s))", plan.req_id, len(gone))
+            if plan.refusals:
+                for refusal in plan.refusals:
+                    log.warning("solicitação %s, item %s recusado: %s", plan.req_id,
                                 refusal.item_id, refusal.reason)
-                self._report_refusals(req_id, refusals, by_id)
+                self._report_refusals(plan.req_id, list(plan.refusals),
+                                      {i.item_id: i for i in sendable})
             if self.s.bemsoft_dry_run and self.show_payload is not None:
                 for order_id in order_ids:
                     order = self.store.get_order(order_id)
                     if order is not None:
                         self.show_payload(order)
+        return resolver, catalog_retried
 
     @staticmethod
     def _refusals_need_catalog(result: Any) -> bool:
@@ -459,12 +537,11 @@ class Monitor:
             log.error("não foi possível gravar o relatório de itens recusados %s: %s",
                       self.s.refused_report, exc.strerror)
 
-    # --- send -------------------------------------------------------------------------------------------------
+    # --- send ---------------------------------------------------------------------------------------------
     def _send(self, stats: CycleStats, *, drain: bool) -> None:
         if self.s.bemsoft_dry_run or self.client is None:
             return
-        self._record_pending()
-        self._harvest([f for f in self._inflight if f.done()], stats)
+        self._exchange(stats)
         if self._auth_paused is not None and not self._probe_token():
             return
         while True:
@@ -473,12 +550,12 @@ class Monitor:
                 return
             if not drain:
                 return
-            done, _ = cf.wait(list(self._inflight), return_when=cf.FIRST_COMPLETED)
-            self._harvest(done, stats)
+            cf.wait(list(self._inflight), return_when=cf.FIRST_COMPLETED)
+            self._exchange(stats)
             if self._auth_paused is not None:
                 # Paused: let what is on the wire finish, start nothing new.
-                done, _ = cf.wait(list(self._inflight))
-                self._harvest(done, stats)
+                cf.wait(list(self._inflight))
+                self._exchange(stats, launch=False)
                 return
 
     def wait_for_sends(self, stop: threading.Event, timeout_s: float) -> None:
@@ -486,45 +563,55 @@ class Monitor:
         if not self._inflight:
             self.clock.wait(stop, timeout_s)
             return
-        done, _ = cf.wait(list(self._inflight), timeout=timeout_s,
-                          return_when=cf.FIRST_COMPLETED)
-        self._harvest(done)
+        cf.wait(list(self._inflight), timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+        self._exchange(CycleStats())
 
-    def _fill(self, stats: CycleStats) -> None:
-        assert self.client is not None
-        room = self.s.bemsoft_concurrency - len(self._inflight)
-        if room <= 0 or self._auth_paused is not None:
-            return
-        now = self.clock.now()
-        room = self.breaker.allowance(now, room)
-        if room <= 0:
-            return
+    def _room(self, now: dt.datetime) -> int:
+        """How many sends may start now (concurrency, token pause, circuit breaker)."""
+        if self._auth_paused is not None:
+            return 0
+        return self.breaker.allowance(now, self.s.bemsoft_concurrency - len(self._inflight))
+
+    def _candidates(self, now: dt.datetime, room: int) -> list[int]:
+        """Pending orders that may be claimed now (at most ``room``)."""
+        if room <= 0 or self._claim_known.quiet(self.store.work_version, now):
+            return []
+        version = self.store.work_version
         busy = {o.requisition_id for o in self._inflight.values()}
         candidates = self.store.claimable_orders(now=now, limit=room * 4,
                                                  exclude_requisitions=busy)
+        if not candidates:
+            self._claim_known.remember(version, now, self.store.next_attempt_at(),
+                                       self._recheck_s)
+        return candidates[:room]
+
+    def _launch(self, orders: list[OrderRow], now: dt.datetime, stats: CycleStats) -> None:
+        assert self.client is not None
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=self.s.bemsoft_concurrency,
                                                thread_name_prefix="envio")
-        for order_id in candidates:
-            if room <= 0:
-                break
-            order = self.store.claim(order_id, holder=self.holder, now=now)
-            if order is None:
-                continue
+        debug = log.isEnabledFor(logging.DEBUG)
+        for order in orders:
             self.breaker.started(now)
-            log.debug("enviando pedido %s (solicitação %s, chave %s): %s", order.order_id,
-                      order.requisition_id, order.key,
-                      json.dumps(order.payload, ensure_ascii=False))
+            if debug:
+                log.debug("enviando pedido %s (solicitação %s, chave %s): %s", order.order_id,
+                          order.requisition_id, order.key,
+                          json.dumps(order.payload, ensure_ascii=False))
             future = self._pool.submit(self.client.post_order, order.payload, key=order.key)
             self._inflight[future] = order
             stats.sent += 1
-            room -= 1
 
-    def _harvest(self, done: Any, stats: CycleStats | None = None) -> None:
-        for future in list(done):
-            order = self._inflight.pop(future, None)
-            if order is None:
-                continue
+    def _fill(self, stats: CycleStats) -> None:
+        """Claim and start as many sends as there is room for."""
+        now = self.clock.now()
+        ids = self._candidates(now, self._room(now))
+        if ids:
+            self._launch(self.store.claim_many(ids, holder=self.holder, now=now), now, stats)
+
+    def _harvest(self, stats: CycleStats | None = None) -> None:
+        """Move finished sends' answers to the queue of answers to record."""
+        for future in [f for f in self._inflight if f.done()]:
+            order = self._inflight.pop(future)
             try:
                 outcome = future.result()
             except Exception as exc:  # noqa: BLE001 - a send must never crash the loop
@@ -533,38 +620,97 @@ class Monitor:
             if stats is not None:
                 stats.outcomes[outcome.kind.value] = stats.outcomes.get(outcome.kind.value, 0) + 1
 
-        self._record_pending()
+    def _exchange(self, stats: CycleStats, *, launch: bool = True) -> None:
+        """Record the answers received and, in the same transaction, claim the next orders.
+
+        Answers stay queued in memory while the state store is unreachable. New orders are
+        claimed with the answers only when every answer is a delivery (nothing that could
+        pause sending or open the circuit breaker); otherwise they are claimed afterwards.
+        """
+        self._harvest(stats)
+        while self._unrecorded:
+            batch = self._unrecorded[:RECORD_BATCH]
+            now = self.clock.now()
+            ids: list[int] = []
+            if launch and all(o.kind == Kind.DELIVERED for _, o in batch):
+                ids = self._candidates(now, self._room(now))
+            _states, claimed = self._commit_answers(batch, now, claim_ids=ids)
+            del self._unrecorded[:len(batch)]
+            if claimed:
+                self._launch(claimed, now, stats)
 
     def _record_pending(self) -> None:
-        """Record answers received; kept in memory while the state store is unreachable."""
-        while self._unrecorded:
-            order, outcome = self._unrecorded[0]
-            self.record_outcome(order, outcome)  # a database error leaves it queued
-            self._unrecorded.pop(0)
+        """Record every answer received (nothing new is claimed)."""
+        self._exchange(CycleStats(), launch=False)
 
     def record_outcome(self, order: OrderRow, outcome: Outcome) -> str:
         """Apply the response table of bemsoft-api.md to one order; return its new state."""
-        if not self.store.holds(order.order_id, order.holder or ""):
-            log.warning("resposta do pedido %s ignorada: ele foi retomado por outro monitor "
-                        "(%s)", order.order_id, outcome.message)
-            return "fenced"
-        now = self.clock.now()
-        self.metrics.orders.labels(outcome.kind.value).inc()
-        if outcome.status is not None:
-            self.metrics.send_latency.observe(outcome.elapsed_s)
-        common: dict[str, Any] = {"now": now, "status": outcome.status,
-                                  "outcome": outcome.kind.value,
+        return self.record_outcomes([(order, outcome)])[0]
+
+    def record_outcomes(self, answers: list[tuple[OrderRow, Outcome]]) -> list[str]:
+        """Record many answers in one state-store transaction; return each order's new state."""
+        return self._commit_answers(answers, self.clock.now(), claim_ids=[])[0]
+
+    def _commit_answers(self, answers: list[tuple[OrderRow, Outcome]], now: dt.datetime, *,
+                        claim_ids: list[int]) -> tuple[list[str], list[OrderRow]]:
+        """Decide, write (fenced) and apply answers; claim ``claim_ids`` in the same transaction.
+
+        An order taken over by another monitor meanwhile is left alone ("fenced"). The
+        holder is read first only for answers that have side effects (a dead-letter file).
+        """
+        risky = [o for o, out in answers if out.kind not in (Kind.DELIVERED, Kind.ALREADY)]
+        fenced: set[int] = set()
+        for holder in {o.holder or "" for o in risky}:
+            ids = [o.order_id for o in risky if (o.holder or "") == holder]
+            fenced |= set(ids) - self.store.holding(ids, holder)
+        decisions: list[_Decision | None] = [
+            None if order.order_id in fenced else self._decide(order, outcome, now)
+            for order, outcome in answers]
+        flags: dict[str, str | None] = {}
+        for d in decisions:
+            if d is not None:
+                flags.update(d.flags)
+        result = self.store.exchange([d.finish for d in decisions if d is not None], now=now,
+                                     flags=flags, claim_ids=claim_ids, holder=self.holder)
+        written = iter(result.written)
+        states: list[str] = []
+        for (order, outcome), decision in zip(answers, decisions, strict=True):
+            if decision is None or not next(written):
+                log.warning("resposta do pedido %s ignorada: ele foi retomado por outro "
+                            "monitor (%s)", order.order_id, outcome.message)
+                states.append("fenced")
+                continue
+            self._dead_files.pop(order.order_id, None)
+            for effect in decision.effects:
+                try:
+                    effect()
+                except Exception:  # a log or metric must never undo a recorded answer
+                    log.exception("erro ao registrar o efeito de uma resposta")
+            states.append(decision.finish.state)
+        return states, result.claimed
+
+    def _decide(self, order: OrderRow, outcome: Outcome, now: dt.datetime) -> _Decision:
+        """What an answer means for its order (the response table of bemsoft-api.md).
+
+        Pure except for the dead-letter file, which is written before the outcome is
+        recorded so that the row can point to it.
+        """
+        common: dict[str, Any] = {"status": outcome.status, "outcome": outcome.kind.value,
                                   "elapsed_ms": int(outcome.elapsed_s * 1000)}
         kind = outcome.kind
+        effects: list[Callable[[], None]] = [
+            lambda: self.metrics.orders.labels(kind.value).inc()]
+        if outcome.status is not None:
+            effects.append(lambda: self.metrics.send_latency.observe(outcome.elapsed_s))
         if kind in (Kind.DELIVERED, Kind.ALREADY, Kind.REJECTED, Kind.NOT_SAVED,
                     Kind.RATE_LIMITED):
-            if self.breaker.success():
-                log.info("Bemsoft respondendo novamente; envios retomados")
+            effects.append(self._breaker_success)
         if kind == Kind.DELIVERED:
-            self.store.finish(order, state=ORDER_DELIVERED, detail=outcome.message, **common)
-            log.info("solicitação %s entregue (pedido %s, %d exame(s))", order.requisition_id,
-                     order.order_id, len(order.item_ids))
-            return ORDER_DELIVERED
+            effects.append(lambda: log.info(
+                "solicitação %s entregue (pedido %s, %d exame(s))", order.requisition_id,
+                order.order_id, len(order.item_ids)))
+            return _Decision(Finish(order=order, state=ORDER_DELIVERED, detail=outcome.message,
+                                    **common), effects)
         if kind == Kind.ALREADY:
             if order.key_answered or not order.key_uncertain:
                 why = ("409 depois de uma resposta de falha com a mesma chave"
@@ -573,34 +719,34 @@ class Monitor:
                 detail = (f"{outcome.message}. Conferir: {why}; não é possível saber se a "
                           "Bemsoft salvou o pedido. Verifique no portal e use Reenviar ou "
                           "Marcar como resolvido.")
-                self.store.finish(order, state=ORDER_CONFERIR, detail=detail, **common)
-                log.error("solicitação %s em CONFERIR (pedido %s): %s", order.requisition_id,
-                          order.order_id, why)
-                return ORDER_CONFERIR
-            self.store.finish(order, state=ORDER_DELIVERED,
-                              detail=outcome.message + " (entregue numa tentativa anterior "
-                              "sem resposta)", **common)
-            log.info("solicitação %s já estava na Bemsoft (409 após tentativa sem resposta)",
-                     order.requisition_id)
-            return ORDER_DELIVERED
+                effects.append(lambda: log.error(
+                    "solicitação %s em CONFERIR (pedido %s): %s", order.requisition_id,
+                    order.order_id, why))
+                return _Decision(Finish(order=order, state=ORDER_CONFERIR, detail=detail,
+                                        **common), effects)
+            effects.append(lambda: log.info(
+                "solicitação %s já estava na Bemsoft (409 após tentativa sem resposta)",
+                order.requisition_id))
+            return _Decision(Finish(order=order, state=ORDER_DELIVERED,
+                                    detail=outcome.message + " (entregue numa tentativa "
+                                    "anterior sem resposta)", **common), effects)
         # A fresh key is safe only when no attempt with the current key may have been
         # saved; otherwise the key is kept so Bemsoft can still deduplicate by it.
         fresh_key = kind in DEFINITELY_NOT_SAVED and not order.key_uncertain
         # These answers come after Bemsoft processed the request: the key may be recorded.
         touched = True if kind in (Kind.SERVER_ERROR, Kind.NOT_SAVED, Kind.REJECTED) else None
         if kind == Kind.REJECTED:
-            return self._dead_letter(order, outcome, common, new_generation=fresh_key,
-                                     key_answered=touched)
+            return self._dead_letter(order, outcome, common, effects, now=now,
+                                     new_generation=fresh_key, key_answered=touched)
         if kind == Kind.AUTH:
-            self._pause_for_token(outcome, now)
-            self.store.finish(order, state=ORDER_PENDING, detail=outcome.message,
-                              next_attempt_at=now, new_generation=fresh_key, **common)
-            return ORDER_PENDING
+            effects.append(lambda: self._pause_for_token(outcome, now))
+            return _Decision(Finish(order=order, state=ORDER_PENDING, detail=outcome.message,
+                                    next_attempt_at=now, new_generation=fresh_key, **common),
+                             effects, flags={FLAG_AUTH_PAUSED: outcome.message})
         # Retryable: RATE_LIMITED, NOT_SAVED, SERVER_ERROR, NO_ANSWER.
         uncertain = True if kind in (Kind.SERVER_ERROR, Kind.NO_ANSWER) else None
-        if uncertain and self.breaker.failure(now):
-            log.error("Bemsoft fora do ar ou instável (%s); uma sondagem a cada %.0f s",
-                      outcome.message, self.breaker.interval_s)
+        if uncertain:
+            effects.append(lambda: self._breaker_failure(outcome, now))
         first = order.first_attempt_at or store_naive(now)
         elapsed = (store_naive(now) - first).total_seconds()
         out_of_time = elapsed >= self.s.bemsoft_retry_horizon_seconds
@@ -608,42 +754,57 @@ class Monitor:
         if out_of_time or out_of_tries:
             limit = ("horizonte de novas tentativas (BEMSOFT_RETRY_HORIZON_SECONDS)"
                      if out_of_time else "número máximo de tentativas (BEMSOFT_RETRIES)")
-            return self._dead_letter(order, outcome, common, new_generation=fresh_key,
-                                     key_answered=touched, key_uncertain=uncertain,
+            return self._dead_letter(order, outcome, common, effects, now=now,
+                                     new_generation=fresh_key, key_answered=touched,
+                                     key_uncertain=uncertain,
                                      extra=f"; {limit} esgotado após {order.attempts} "
                                            "tentativa(s)")
         delay = backoff_delay_s(order.attempts, base_s=self.s.bemsoft_backoff,
                                 cap_s=self.s.bemsoft_backoff_max,
                                 retry_after_s=outcome.retry_after_s)
-        self.store.finish(order, state=ORDER_PENDING, detail=outcome.message,
-                          next_attempt_at=now + dt.timedelta(seconds=delay),
-                          new_generation=fresh_key, key_answered=touched,
-                          key_uncertain=uncertain, **common)
-        self.metrics.retries.inc()
-        log.warning("solicitação %s: %s; nova tentativa em %.1f s (tentativa %d)",
-                    order.requisition_id, outcome.message, delay, order.attempts)
-        return ORDER_PENDING
+        effects.append(self.metrics.retries.inc)
+        effects.append(lambda: log.warning(
+            "solicitação %s: %s; nova tentativa em %.1f s (tentativa %d)",
+            order.requisition_id, outcome.message, delay, order.attempts))
+        return _Decision(Finish(order=order, state=ORDER_PENDING, detail=outcome.message,
+                                next_attempt_at=now + dt.timedelta(seconds=delay),
+                                new_generation=fresh_key, key_answered=touched,
+                                key_uncertain=uncertain, **common), effects)
 
-    def _dead_letter(self, order: OrderRow, outcome: Outcome, common: dict[str, Any], *,
+    def _breaker_success(self) -> None:
+        if self.breaker.success():
+            log.info("Bemsoft respondendo novamente; envios retomados")
+
+    def _breaker_failure(self, outcome: Outcome, now: dt.datetime) -> None:
+        if self.breaker.failure(now):
+            log.error("Bemsoft fora do ar ou instável (%s); uma sondagem a cada %.0f s",
+                      outcome.message, self.breaker.interval_s)
+
+    def _dead_letter(self, order: OrderRow, outcome: Outcome, common: dict[str, Any],
+                     effects: list[Callable[[], None]], *, now: dt.datetime,
                      new_generation: bool, extra: str = "", key_answered: bool | None = None,
-                     key_uncertain: bool | None = None) -> str:
+                     key_uncertain: bool | None = None) -> _Decision:
         reason = outcome.message + extra
-        event = self.failed_event(order, reason=reason)
-        path: Path | None = None
-        try:
-            path = write_failed(Path(self.s.failed_dir), reason=reason, event=event,
-                                name_hint=str(order.requisition_id), now=common["now"])
-        except OSError as exc:
-            # The order stays dead in the outbox: nothing is lost even without the file.
-            log.error("não foi possível gravar em FAILED_DIR (%s): %s; o pedido continua "
-                      "registrado no banco de estado", self.s.failed_dir, exc.strerror)
-        self.store.finish(order, state=ORDER_DEAD, detail=reason, new_generation=new_generation,
-                          key_answered=key_answered, key_uncertain=key_uncertain,
-                          failed_file=str(path) if path else None, **common)
-        self.metrics.dead_letters.inc()
-        log.error("solicitação %s não enviada: %s (arquivo: %s)", order.requisition_id, reason,
-                  path or "não gravado")
-        return ORDER_DEAD
+        # An answer recorded again after a state-store outage reuses its file.
+        path: Path | None = self._dead_files.get(order.order_id)
+        if path is None:
+            try:
+                path = write_failed(Path(self.s.failed_dir), reason=reason,
+                                    event=self.failed_event(order, reason=reason),
+                                    name_hint=str(order.requisition_id), now=now)
+                self._dead_files[order.order_id] = path
+            except OSError as exc:
+                # The order stays dead in the outbox: nothing is lost even without the file.
+                log.error("não foi possível gravar em FAILED_DIR (%s): %s; o pedido continua "
+                          "registrado no banco de estado", self.s.failed_dir, exc.strerror)
+        effects.append(self.metrics.dead_letters.inc)
+        effects.append(lambda: log.error(
+            "solicitação %s não enviada: %s (arquivo: %s)", order.requisition_id, reason,
+            path or "não gravado"))
+        return _Decision(Finish(order=order, state=ORDER_DEAD, detail=reason,
+                                new_generation=new_generation, key_answered=key_answered,
+                                key_uncertain=key_uncertain,
+                                failed_file=str(path) if path else None, **common), effects)
 
     def failed_event(self, order: OrderRow, *, reason: str) -> dict[str, Any]:
         """The ``event`` of a FAILED_DIR file: the order, its items and what was sent."""
@@ -663,13 +824,13 @@ class Monitor:
 
     # --- token pause -------------------------------------------------------------------------------------
     def _pause_for_token(self, outcome: Outcome, now: dt.datetime) -> None:
+        """Pause all sending (the flag itself is written with the outcome)."""
         if self._auth_paused is None:
             log.error("envio PAUSADO: %s. Os pedidos ficam guardados e o envio volta sozinho "
                       "quando o token for aceito", outcome.message)
         self._auth_paused = outcome.message
         self.metrics.auth_paused.set(1)
         self._next_probe = now + dt.timedelta(seconds=self.s.bemsoft_breaker_seconds)
-        self.store.set_flag(FLAG_AUTH_PAUSED, outcome.message, now=now)
 
     def _probe_token(self) -> bool:
         """While paused, ask GET /tests once per interval whether the token works again."""

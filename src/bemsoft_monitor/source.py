@@ -177,6 +177,18 @@ class LisSource:
             .order_by(i.c.CodItemSol)
         )
 
+    def requisitions_query(self, requisition_ids: Sequence[int]) -> sa.Select[tuple[object, ...]]:
+        """Every current item of several requisitions (one round trip for a settle chunk)."""
+        i = self.t.item
+        return (
+            sa.select(*self._columns())
+            .select_from(self._joined())
+            .where(i.c.CodSolicitacao.in_(sa.bindparam("reqs", list(requisition_ids),
+                                                        expanding=True)),
+                   self._lab_filter())
+            .order_by(i.c.CodItemSol)
+        )
+
     def gaps_query(self, *, after_id: int, up_to_id: int) -> sa.Select[tuple[object, ...]]:
         """Ids in (after_id, up_to_id] that are followed by a hole, plus the first id.
 
@@ -214,6 +226,20 @@ class LisSource:
         """Current items of one requisition."""
         rows = conn.execute(self.requisition_query(requisition_id))
         return [item for item in map(_to_item, rows) if self._wants(item)]
+
+    def fetch_requisitions(
+        self, conn: Connection, requisition_ids: Sequence[int]
+    ) -> dict[int, list[LisItem]]:
+        """Current items of several requisitions, by requisition (absent: no items left)."""
+        out: dict[int, list[LisItem]] = {}
+        ids = list(requisition_ids)
+        # Bounded IN lists: SQL Server accepts at most 2100 parameters per statement.
+        for start in range(0, len(ids), 500):
+            rows = conn.execute(self.requisitions_query(ids[start:start + 500]))
+            for item in map(_to_item, rows):
+                if self._wants(item):
+                    out.setdefault(item.requisition_id, []).append(item)
+        return out
 
     def find_gaps(self, conn: Connection, *, after_id: int, up_to_id: int) -> list[tuple[int, int]]:
         """Id ranges in (after_id, up_to_id] not visible now."""

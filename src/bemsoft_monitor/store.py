@@ -63,7 +63,8 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         "_MonitorState", md,
         sa.Column("Name", sa.String(128), primary_key=True),
         sa.Column("LastItemId", sa.BigInteger, nullable=True),
-        sa.Column("UpdatedAt", _DateTime, nullable=False, server_default=sa.func.current_timestamp()),
+        sa.Column("UpdatedAt", _DateTime, nullable=False,
+                  server_default=sa.func.current_timestamp()),
     )
     sa.Table(
         "_MonitorItem", md,
@@ -114,6 +115,9 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("UpdatedAt", _DateTime, nullable=False),
         sa.Column("DeliveredAt", _DateTime, nullable=True),
         sa.UniqueConstraint("RequisitionId", "Seq", name="uq_monitororder_req_seq"),
+        # The claim query reads pending orders by due time; delivered rows pile up for
+        # years and must not be walked on every poll.
+        sa.Index("ix_monitororder_state_next", "State", "NextAttemptAt"),
     )
     sa.Table(
         "_MonitorAttempt", md,
@@ -152,6 +156,12 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
     return md
 
 
+def _chunks(values: Sequence[int], size: int = 500) -> Iterable[list[int]]:
+    """Slices of at most ``size`` ids (IN lists stay far below SQL Server's 2100 parameters)."""
+    for start in range(0, len(values), size):
+        yield list(values[start:start + size])
+
+
 def item_set_hash(item_ids: Iterable[int]) -> str:
     """Stable digest of an exact set of items."""
     text = ",".join(str(i) for i in sorted(set(item_ids)))
@@ -170,6 +180,19 @@ class IngestResult:
     new_items: int
     known_items: int
     checkpoint: int | None
+
+
+@dataclass(frozen=True)
+class SettlePlan:
+    """What one requisition's settle writes (see :meth:`StateStore.settle_many`)."""
+
+    req_id: int
+    current: tuple[LisItem, ...]
+    to_send_ids: tuple[int, ...]
+    drafts: tuple[OrderDraft, ...]
+    refusals: tuple[Refusal, ...]
+    # UpdatedAt of the requisition when it was read as due; None = do not guard.
+    version: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +216,63 @@ class OrderRow:
     last_status: int | None
     failed_file: str | None
     holder: str | None = None
+
+
+_ITEM_STATE_OF_ORDER = {
+    ORDER_DELIVERED: ITEM_DELIVERED, ORDER_DEAD: ITEM_DEAD, ORDER_CONFERIR: ITEM_CONFERIR,
+    ORDER_PENDING: ITEM_ORDERED, ORDER_RESOLVED: ITEM_DELIVERED,
+}
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One attempt's outcome and the order's next state (see :meth:`StateStore.finish_many`)."""
+
+    order: OrderRow
+    state: str
+    status: int | None
+    outcome: str
+    detail: str
+    elapsed_ms: int | None = None
+    next_attempt_at: dt.datetime | None = None
+    new_generation: bool = False
+    key_answered: bool | None = None
+    key_uncertain: bool | None = None
+    failed_file: str | None = None
+
+    def order_values(self, ts: dt.datetime) -> dict[str, Any]:
+        """Columns of the outbox row this outcome writes."""
+        values: dict[str, Any] = {
+            "State": self.state, "Holder": None, "UpdatedAt": ts, "LastStatus": self.status,
+            "LastOutcome": self.outcome,
+            "LastError": self.detail if self.state != ORDER_DELIVERED else None,
+        }
+        if self.next_attempt_at is not None:
+            values["NextAttemptAt"] = utc_naive(self.next_attempt_at)
+        if self.key_answered is not None:
+            values["KeyAnswered"] = self.key_answered
+        if self.key_uncertain is not None:
+            values["KeyUncertain"] = self.key_uncertain
+        if self.new_generation:
+            order = self.order
+            gen = order.generation + 1
+            values.update(Generation=gen, KeyAttempts=0, KeyAnswered=False, KeyUncertain=False,
+                          IdempotencyKey=idempotency_key(
+                              order.requisition_id, order.seq,
+                              item_set_hash(order.item_ids), gen))
+        if self.state == ORDER_DELIVERED:
+            values["DeliveredAt"] = ts
+        if self.failed_file is not None:
+            values["FailedFile"] = self.failed_file
+        return values
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """What :meth:`StateStore.exchange` did: answers written (per spec) and orders claimed."""
+
+    written: list[bool]
+    claimed: list[OrderRow]
 
 
 @dataclass(frozen=True)
@@ -223,11 +303,52 @@ class StateStore:
         self.gaps = t[key + "_MonitorGap"]
         self.lease = t[key + "_MonitorLease"]
         self.flags = t[key + "_MonitorFlag"]
+        # Bumped by every write of this process that can make work due; the engine skips
+        # outbox queries while it is unchanged and nothing is due (idle polls).
+        self.work_version = 0
+        self._build_statements()
+
+    def _build_statements(self) -> None:
+        """Statements of the hot path, built once (SQLAlchemy memoizes their cache keys)."""
+        i, r = self.items, self.reqs
+        b = sa.bindparam
+        self._stmt_snapshot = sa.update(i).where(i.c.ItemId == b("b_id")).values(
+            Snapshot=b("b_snap"))
+        self._stmt_refuse = sa.update(i).where(i.c.ItemId == b("b_id")).values(
+            State=b("b_state"), Reason=b("b_reason"), UpdatedAt=b("b_ts"))
+        self._stmt_order_items = sa.update(i).where(i.c.ItemId == b("b_id")).values(
+            State=b("b_state"), OrderId=b("b_order"), Reason=None, UpdatedAt=b("b_ts"))
+        a = self.attempts
+        # One attempt per order is open at a time (claim opens it, finish or recovery closes it).
+        self._stmt_close_attempt = sa.update(a).where(
+            a.c.OrderId == b("b_id"), a.c.FinishedAt.is_(None)).values(
+            FinishedAt=b("b_ts"), Status=b("b_status"), Outcome=b("b_outcome"),
+            Detail=b("b_detail"), ElapsedMs=b("b_elapsed"))
+        self._finish_stmts: dict[tuple[str, ...], sa.Update] = {}
+        self._stmt_settled: dict[tuple[bool, bool], sa.Update] = {}
+        for guarded in (False, True):
+            for with_seq in (False, True):
+                stmt = sa.update(r).where(r.c.RequisitionId == b("b_id"))
+                if guarded:
+                    stmt = stmt.where(r.c.UpdatedAt == b("b_version"))
+                values: dict[str, Any] = {"DueAt": None, "UpdatedAt": b("b_ts")}
+                if with_seq:
+                    values["OrderSeq"] = b("b_seq")
+                self._stmt_settled[(guarded, with_seq)] = stmt.values(**values)
 
     # --- schema ------------------------------------------------------------------------
     def create_tables(self) -> None:
-        """Create missing tables (an existing seed ``_MonitorState`` is kept as is)."""
+        """Create missing tables and indexes (an existing seed ``_MonitorState`` is kept)."""
         self.md.create_all(self.engine, checkfirst=True)
+        # create_all skips the indexes of tables that already exist: add the ones a newer
+        # version introduced.
+        inspector = sa.inspect(self.engine)
+        for table in self.md.sorted_tables:
+            existing = {ix["name"] for ix in inspector.get_indexes(table.name,
+                                                                   schema=table.schema)}
+            for index in table.indexes:
+                if index.name not in existing:
+                    index.create(self.engine, checkfirst=True)
 
     def dispose(self) -> None:
         """Close pooled connections."""
@@ -287,7 +408,7 @@ class StateStore:
         now: dt.datetime,
         debounce_s: float,
     ) -> IngestResult:
-        """Record every item read with its fate, the new gaps and the checkpoint: ONE transaction."""
+        """Record the items read with their fate, new gaps and the checkpoint: ONE transaction."""
         ts = utc_naive(now)
         due = ts + dt.timedelta(seconds=debounce_s)
         with self.engine.begin() as conn:
@@ -300,8 +421,9 @@ class StateStore:
                      "FirstSeenAt": ts, "UpdatedAt": ts}
                     for i in fresh
                 ])
-                for req_id in sorted({i.requisition_id for i in fresh}):
-                    self._touch_requisition(conn, req_id, ts, due)
+                self._touch_requisitions(conn, sorted({i.requisition_id for i in fresh}),
+                                         ts, due)
+                self.work_version += 1
             for lo, hi in new_gaps:
                 exists = conn.execute(sa.select(self.gaps.c.Lo).where(self.gaps.c.Lo == lo)).first()
                 if exists is None:
@@ -323,28 +445,47 @@ class StateStore:
             found.update(int(r[0]) for r in conn.execute(q))
         return found
 
-    def _touch_requisition(
-        self, conn: Connection, req_id: int, ts: dt.datetime, due: dt.datetime
+    def _touch_requisitions(
+        self, conn: Connection, req_ids: Sequence[int], ts: dt.datetime, due: dt.datetime
     ) -> None:
-        """Schedule the requisition's settle; the debounce counts from first sight."""
+        """Schedule the requisitions' settle; the debounce counts from first sight."""
         r = self.reqs
-        row = conn.execute(sa.select(r.c.DueAt).where(r.c.RequisitionId == req_id)).first()
-        if row is None:
-            conn.execute(sa.insert(r).values(RequisitionId=req_id, FirstSeenAt=ts, DueAt=due,
-                                             OrderSeq=0, UpdatedAt=ts))
-        elif row.DueAt is None:
-            conn.execute(sa.update(r).where(r.c.RequisitionId == req_id).values(
-                DueAt=due, UpdatedAt=ts))
+        known: dict[int, dt.datetime | None] = {}
+        for chunk in _chunks(req_ids):
+            rows = conn.execute(sa.select(r.c.RequisitionId, r.c.DueAt)
+                                .where(r.c.RequisitionId.in_(chunk)))
+            known.update((int(row.RequisitionId), row.DueAt) for row in rows)
+        fresh = [rid for rid in req_ids if rid not in known]
+        if fresh:
+            conn.execute(sa.insert(r), [
+                {"RequisitionId": rid, "FirstSeenAt": ts, "DueAt": due, "OrderSeq": 0,
+                 "UpdatedAt": ts} for rid in fresh])
+        # A requisition already settled gets a new debounce for its late items.
+        settled = [rid for rid, due_at in known.items() if due_at is None]
+        for chunk in _chunks(settled):
+            conn.execute(sa.update(r).where(r.c.RequisitionId.in_(chunk))
+                         .values(DueAt=due, UpdatedAt=ts))
 
     # --- settle --------------------------------------------------------------------------
-    def due_requisitions(self, *, now: dt.datetime, limit: int) -> list[int]:
-        """Requisitions whose debounce has ended, oldest first."""
+    def due_requisitions(self, *, now: dt.datetime, limit: int) -> list[tuple[int, dt.datetime]]:
+        """Requisitions whose debounce has ended, oldest first, with their version.
+
+        The version (``UpdatedAt``) lets :meth:`settle_many` notice a requisition that
+        another thread or process touched meanwhile (painel, ``retry --refused``).
+        """
         r = self.reqs
-        q = (sa.select(r.c.RequisitionId).where(r.c.DueAt.is_not(None),
-                                                  r.c.DueAt <= utc_naive(now))
+        q = (sa.select(r.c.RequisitionId, r.c.UpdatedAt)
+             .where(r.c.DueAt.is_not(None), r.c.DueAt <= utc_naive(now))
              .order_by(r.c.DueAt, r.c.RequisitionId).limit(limit))
         with self.engine.connect() as conn:
-            return [int(x[0]) for x in conn.execute(q)]
+            return [(int(x.RequisitionId), x.UpdatedAt) for x in conn.execute(q)]
+
+    def next_attempt_at(self) -> dt.datetime | None:
+        """When the next pending order may be sent (None when none is pending)."""
+        o = self.orders
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.min(o.c.NextAttemptAt))
+                                .where(o.c.State == ORDER_PENDING)).scalar()
 
     def next_due_at(self) -> dt.datetime | None:
         """When the next requisition settles (None when none waits)."""
@@ -362,6 +503,29 @@ class StateStore:
             rows = conn.execute(q).all()
         return [_item_row(r) for r in rows]
 
+    def ledger_states(self, req_ids: Sequence[int]) -> dict[int, dict[int, str]]:
+        """Item states per requisition, for many requisitions in one query."""
+        out: dict[int, dict[int, str]] = {rid: {} for rid in req_ids}
+        i = self.items
+        with self.engine.connect() as conn:
+            for chunk in _chunks(req_ids):
+                rows = conn.execute(sa.select(i.c.ItemId, i.c.RequisitionId, i.c.State)
+                                    .where(i.c.RequisitionId.in_(chunk)))
+                for row in rows:
+                    out.setdefault(int(row.RequisitionId), {})[int(row.ItemId)] = str(row.State)
+        return out
+
+    def order_seqs(self, req_ids: Sequence[int]) -> dict[int, int]:
+        """How many orders each requisition already has (for the next externalId suffix)."""
+        out = dict.fromkeys(req_ids, 0)
+        r = self.reqs
+        with self.engine.connect() as conn:
+            for chunk in _chunks(req_ids):
+                for row in conn.execute(sa.select(r.c.RequisitionId, r.c.OrderSeq)
+                                        .where(r.c.RequisitionId.in_(chunk))):
+                    out[int(row.RequisitionId)] = int(row.OrderSeq or 0)
+        return out
+
     def settle_requisition(
         self,
         req_id: int,
@@ -372,71 +536,112 @@ class StateStore:
         refusals: Sequence[Refusal],
         now: dt.datetime,
     ) -> list[int]:
-        """Apply a settle in ONE transaction; return the new order ids.
+        """Apply one requisition's settle (see :meth:`settle_many`); return its new order ids."""
+        plan = SettlePlan(req_id=req_id, current=tuple(current), to_send_ids=tuple(to_send_ids),
+                          drafts=tuple(drafts), refusals=tuple(refusals))
+        return self.settle_many([plan], now=now)[req_id]
 
-        ``current`` is the requisition as the LIS has it now. Pending items missing from it
-        are cancelled; items of it not yet in the ledger are added; drafts become outbox
-        orders and their items ``ordered``; refusals are recorded with their reason.
+    def settle_many(self, plans: Sequence[SettlePlan], *, now: dt.datetime) -> dict[int, list[int]]:
+        """Apply the settles of many requisitions in ONE transaction; new order ids per one.
+
+        ``plan.current`` is the requisition as the LIS has it now. Pending items missing from
+        it are cancelled; items of it not yet in the ledger are added; drafts become outbox
+        orders and their items ``ordered``; refusals are recorded with their reason. A
+        requisition whose version changed since it was read as due keeps its due time, so
+        whatever changed it is settled on the next pass.
         """
         ts = utc_naive(now)
-        current_ids = {i.item_id for i in current}
-        new_orders: list[int] = []
+        i, o = self.items, self.orders
+        req_ids = [p.req_id for p in plans]
+        new_orders: dict[int, list[int]] = {rid: [] for rid in req_ids}
+        gone: list[int] = []
+        added: list[dict[str, Any]] = []
+        snapshots: list[dict[str, Any]] = []
+        refused: list[dict[str, Any]] = []
+        order_rows: list[dict[str, Any]] = []
         with self.engine.begin() as conn:
-            ledger = {row.item_id: row for row in self.requisition_items(req_id, conn)}
-            # Items that vanished (deleted, moved to another lab) before being sent.
-            gone = [iid for iid, row in ledger.items()
-                    if row.state == ITEM_PENDING and iid not in current_ids]
+            # item id -> (state, snapshot) per requisition, read inside the transaction.
+            ledger: dict[int, dict[int, tuple[str, str | None]]] = {rid: {} for rid in req_ids}
+            for chunk in _chunks(req_ids):
+                for lrow in conn.execute(sa.select(i.c.ItemId, i.c.RequisitionId, i.c.State,
+                                                   i.c.Snapshot)
+                                         .where(i.c.RequisitionId.in_(chunk))):
+                    ledger.setdefault(int(lrow.RequisitionId), {})[int(lrow.ItemId)] = (
+                        str(lrow.State), lrow.Snapshot)
+            for plan in plans:
+                known = ledger.get(plan.req_id, {})
+                current_ids = {item.item_id for item in plan.current}
+                to_send = set(plan.to_send_ids)
+                # Items that vanished (deleted, moved to another lab) before being sent.
+                gone.extend(iid for iid, (state, _snap) in known.items()
+                            if state == ITEM_PENDING and iid not in current_ids)
+                for item in plan.current:
+                    snap = json.dumps(item.to_json(), ensure_ascii=False)
+                    if item.item_id not in known:
+                        # Added to the LIS after the poll passed it (or met in another lab).
+                        added.append({"ItemId": item.item_id,
+                                      "RequisitionId": item.requisition_id,
+                                      "State": ITEM_PENDING, "Snapshot": snap,
+                                      "FirstSeenAt": ts, "UpdatedAt": ts})
+                    elif item.item_id in to_send and known[item.item_id][1] != snap:
+                        # The LIS changed the row: keep what is about to be sent.
+                        snapshots.append({"b_id": item.item_id, "b_snap": snap})
+                refused.extend({"b_id": f.item_id, "b_reason": f.reason} for f in plan.refusals)
+                for draft in plan.drafts:
+                    set_hash = item_set_hash(draft.item_ids)
+                    order_rows.append({
+                        "RequisitionId": plan.req_id, "Seq": draft.seq,
+                        "ItemIds": ",".join(str(x) for x in sorted(draft.item_ids)),
+                        "ItemSetHash": set_hash, "Generation": 1,
+                        "IdempotencyKey": idempotency_key(plan.req_id, draft.seq, set_hash, 1),
+                        "State": ORDER_PENDING, "Attempts": 0, "KeyAttempts": 0,
+                        "KeyAnswered": False, "KeyUncertain": False, "NextAttemptAt": ts,
+                        "Payload": json.dumps(draft.payload, ensure_ascii=False),
+                        "CreatedAt": ts, "UpdatedAt": ts,
+                    })
             if gone:
                 self._set_items(conn, gone, ITEM_CANCELLED, ts,
                                 reason="item removido do LIS ou transferido para outro "
                                        "laboratório antes do envio")
-            # Items added to the LIS that the poll has not met yet (or met in another lab).
-            added = [i for i in current if i.item_id not in ledger]
             if added:
-                conn.execute(sa.insert(self.items), [
-                    {"ItemId": i.item_id, "RequisitionId": i.requisition_id,
-                     "State": ITEM_PENDING, "Snapshot": json.dumps(i.to_json(), ensure_ascii=False),
-                     "FirstSeenAt": ts, "UpdatedAt": ts}
-                    for i in added
-                ])
-            # Refresh snapshots of what is about to be sent (the LIS may have changed).
-            for item in current:
-                if item.item_id in to_send_ids:
-                    conn.execute(sa.update(self.items).where(
-                        self.items.c.ItemId == item.item_id).values(
-                        Snapshot=json.dumps(item.to_json(), ensure_ascii=False)))
-            for refusal in refusals:
-                self._set_items(conn, [refusal.item_id], ITEM_REFUSED, ts, reason=refusal.reason)
-            max_seq = 0
-            for draft in drafts:
-                set_hash = item_set_hash(draft.item_ids)
-                key = idempotency_key(req_id, draft.seq, set_hash, 1)
-                result = conn.execute(sa.insert(self.orders).values(
-                    RequisitionId=req_id, Seq=draft.seq,
-                    ItemIds=",".join(str(i) for i in sorted(draft.item_ids)),
-                    ItemSetHash=set_hash, Generation=1, IdempotencyKey=key,
-                    State=ORDER_PENDING, Attempts=0, KeyAttempts=0, KeyAnswered=False,
-                    KeyUncertain=False,
-                    NextAttemptAt=ts, Payload=json.dumps(draft.payload, ensure_ascii=False),
-                    CreatedAt=ts, UpdatedAt=ts,
-                ))
-                order_id = int(result.inserted_primary_key[0])  # type: ignore[index]
-                new_orders.append(order_id)
-                self._set_items(conn, list(draft.item_ids), ITEM_ORDERED, ts, order_id=order_id)
-                max_seq = max(max_seq, draft.seq)
-            values: dict[str, Any] = {"DueAt": None, "UpdatedAt": ts}
-            if max_seq:
-                values["OrderSeq"] = max_seq
-            conn.execute(sa.update(self.reqs).where(self.reqs.c.RequisitionId == req_id)
-                         .values(**values))
+                conn.execute(sa.insert(i), added)
+            if snapshots:
+                conn.execute(self._stmt_snapshot, snapshots)
+            if refused:
+                conn.execute(self._stmt_refuse, [{**row, "b_state": ITEM_REFUSED, "b_ts": ts}
+                                                 for row in refused])
+            ordered: list[dict[str, Any]] = []
+            seqs: dict[int, int] = {}
+            if order_rows:
+                ids = conn.execute(
+                    sa.insert(o).returning(o.c.OrderId, sort_by_parameter_order=True),
+                    order_rows).scalars().all()
+                for row, order_id in zip(order_rows, ids, strict=True):
+                    rid = int(row["RequisitionId"])
+                    new_orders[rid].append(int(order_id))
+                    seqs[rid] = max(seqs.get(rid, 0), int(row["Seq"]))
+                    ordered.extend({"b_id": int(x), "b_order": int(order_id), "b_ts": ts,
+                                    "b_state": ITEM_ORDERED}
+                                   for x in str(row["ItemIds"]).split(","))
+            if ordered:
+                conn.execute(self._stmt_order_items, ordered)
+            groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+            for plan in plans:
+                params: dict[str, Any] = {"b_id": plan.req_id, "b_ts": ts}
+                if plan.version is not None:
+                    params["b_version"] = plan.version
+                if plan.req_id in seqs:
+                    params["b_seq"] = seqs[plan.req_id]
+                groups.setdefault((plan.version is not None, plan.req_id in seqs),
+                                  []).append(params)
+            for shape, group in groups.items():
+                conn.execute(self._stmt_settled[shape], group)
+        self.work_version += 1
         return new_orders
 
     def order_seq(self, req_id: int) -> int:
         """How many orders the requisition already has (for the next externalId suffix)."""
-        with self.engine.connect() as conn:
-            value = conn.execute(sa.select(self.reqs.c.OrderSeq).where(
-                self.reqs.c.RequisitionId == req_id)).scalar()
-            return int(value or 0)
+        return self.order_seqs([req_id])[req_id]
 
     def _set_items(
         self, conn: Connection, ids: Sequence[int], state: str, ts: dt.datetime, *,
@@ -466,21 +671,33 @@ class StateStore:
             for req_id in sorted({int(r.RequisitionId) for r in rows}):
                 conn.execute(sa.update(self.reqs).where(self.reqs.c.RequisitionId == req_id)
                              .values(DueAt=ts, UpdatedAt=ts))
-            return len(rows)
+        self.work_version += 1
+        return len(rows)
 
     # --- outbox ----------------------------------------------------------------------------
-    def recover_inflight(self, *, now: dt.datetime) -> int:
-        """Orders left in 'sending' by a dead process go back to pending with the same key."""
+    def recover_inflight(self, *, now: dt.datetime, holder: str | None = None) -> int:
+        """Orders left in 'sending' go back to pending with the same key.
+
+        Without ``holder``: every such order (a dead holder's, on taking the lease over);
+        with it: only that holder's (a graceful stop).
+        """
         ts = utc_naive(now)
+        o, a = self.orders, self.attempts
+        cond: list[sa.ColumnElement[bool]] = [o.c.State == ORDER_SENDING]
+        if holder is not None:
+            cond.append(o.c.Holder == holder)
         with self.engine.begin() as conn:
-            res = conn.execute(sa.update(self.orders).where(
-                self.orders.c.State == ORDER_SENDING).values(
-                State=ORDER_PENDING, NextAttemptAt=ts, Holder=None, UpdatedAt=ts,
-                LastOutcome="no_answer", KeyUncertain=True,
-                LastError="envio interrompido (processo parado durante o envio)"))
-            conn.execute(sa.update(self.attempts).where(self.attempts.c.FinishedAt.is_(None))
-                         .values(FinishedAt=ts, Outcome="interrupted"))
-            return int(res.rowcount or 0)
+            ids = [int(x) for x in conn.execute(sa.select(o.c.OrderId).where(*cond)).scalars()]
+            for chunk in _chunks(ids):
+                conn.execute(sa.update(o).where(o.c.OrderId.in_(chunk), *cond).values(
+                    State=ORDER_PENDING, NextAttemptAt=ts, Holder=None, UpdatedAt=ts,
+                    LastOutcome="no_answer", KeyUncertain=True,
+                    LastError="envio interrompido (processo parado durante o envio)"))
+                conn.execute(sa.update(a).where(a.c.OrderId.in_(chunk),
+                                                a.c.FinishedAt.is_(None))
+                             .values(FinishedAt=ts, Outcome="interrupted"))
+        self.work_version += 1
+        return len(ids)
 
     def claimable_orders(self, *, now: dt.datetime, limit: int,
                          exclude_requisitions: Iterable[int] = ()) -> list[int]:
@@ -510,21 +727,34 @@ class StateStore:
 
     def claim(self, order_id: int, *, holder: str, now: dt.datetime) -> OrderRow | None:
         """Mark one pending order as being sent (attempt recorded first); None if taken."""
-        ts = utc_naive(now)
+        claimed = self.claim_many([order_id], holder=holder, now=now)
+        return claimed[0] if claimed else None
+
+    def claim_many(self, order_ids: Sequence[int], *, holder: str,
+                   now: dt.datetime) -> list[OrderRow]:
+        """Mark pending orders as being sent, each with an open attempt: ONE transaction.
+
+        Orders no longer pending (taken by someone else) are left out of the result.
+        """
+        return self.exchange([], now=now, claim_ids=order_ids, holder=holder).claimed
+
+    def _claim_in(self, conn: Connection, order_ids: Sequence[int], holder: str,
+                  ts: dt.datetime) -> list[OrderRow]:
         o = self.orders
-        with self.engine.begin() as conn:
-            res = conn.execute(sa.update(o).where(
-                o.c.OrderId == order_id, o.c.State == ORDER_PENDING).values(
-                State=ORDER_SENDING, Holder=holder, Attempts=o.c.Attempts + 1,
-                KeyAttempts=o.c.KeyAttempts + 1, UpdatedAt=ts,
-                FirstAttemptAt=sa.func.coalesce(o.c.FirstAttemptAt, ts)))
-            if res.rowcount != 1:
-                return None
-            row = self._order(conn, order_id)
-            assert row is not None
-            conn.execute(sa.insert(self.attempts).values(
-                OrderId=order_id, IdempotencyKey=row.key, StartedAt=ts))
-            return row
+        ids = list(order_ids)
+        conn.execute(sa.update(o).where(o.c.OrderId.in_(ids), o.c.State == ORDER_PENDING)
+                     .values(State=ORDER_SENDING, Holder=holder, Attempts=o.c.Attempts + 1,
+                             KeyAttempts=o.c.KeyAttempts + 1, UpdatedAt=ts,
+                             FirstAttemptAt=sa.func.coalesce(o.c.FirstAttemptAt, ts)))
+        rows = conn.execute(sa.select(o).where(
+            o.c.OrderId.in_(ids), o.c.State == ORDER_SENDING, o.c.Holder == holder,
+            o.c.UpdatedAt == ts)).all()
+        claimed = {int(r.OrderId): _order_row(r) for r in rows}
+        if claimed:
+            conn.execute(sa.insert(self.attempts), [
+                {"OrderId": row.order_id, "IdempotencyKey": row.key, "StartedAt": ts}
+                for row in claimed.values()])
+        return [claimed[i] for i in ids if i in claimed]
 
     def _order(self, conn: Connection, order_id: int) -> OrderRow | None:
         r = conn.execute(sa.select(self.orders).where(self.orders.c.OrderId == order_id)).first()
@@ -565,52 +795,97 @@ class StateStore:
         key_uncertain: bool | None = None,
         failed_file: str | None = None,
     ) -> bool:
-        """Record an attempt's outcome and the order's next state, items following.
+        """Record one attempt's outcome (see :meth:`finish_many`); False when fenced."""
+        spec = Finish(order=order, state=state, status=status, outcome=outcome, detail=detail,
+                      elapsed_ms=elapsed_ms, next_attempt_at=next_attempt_at,
+                      new_generation=new_generation, key_answered=key_answered,
+                      key_uncertain=key_uncertain, failed_file=failed_file)
+        return self.finish_many([spec], now=now)[0]
 
-        Fenced: nothing is written (False) unless the order is still being sent by the
-        holder that claimed it, so a monitor that lost its lease cannot overwrite the
-        successor's record.
+    def finish_many(self, specs: Sequence[Finish], *, now: dt.datetime,
+                    flags: dict[str, str | None] | None = None) -> list[bool]:
+        """Record attempts' outcomes (see :meth:`exchange`); per spec, whether it was written."""
+        return self.exchange(specs, now=now, flags=flags).written
+
+    def exchange(self, specs: Sequence[Finish], *, now: dt.datetime,
+                 flags: dict[str, str | None] | None = None, claim_ids: Sequence[int] = (),
+                 holder: str = "") -> Exchange:
+        """Record answers, set flags and claim the next orders: ONE transaction.
+
+        Fenced: an answer is written only while its order is still being sent by the holder
+        that claimed it (the rows are locked first), so a monitor that lost its lease cannot
+        overwrite the successor's record. Items follow their order's state.
         """
         ts = utc_naive(now)
-        values: dict[str, Any] = {
-            "State": state, "Holder": None, "UpdatedAt": ts, "LastStatus": status,
-            "LastOutcome": outcome, "LastError": detail if state != ORDER_DELIVERED else None,
-        }
-        if next_attempt_at is not None:
-            values["NextAttemptAt"] = utc_naive(next_attempt_at)
-        if key_answered is not None:
-            values["KeyAnswered"] = key_answered
-        if key_uncertain is not None:
-            values["KeyUncertain"] = key_uncertain
-        if new_generation:
-            gen = order.generation + 1
-            values.update(Generation=gen, KeyAttempts=0, KeyAnswered=False, KeyUncertain=False,
-                          IdempotencyKey=idempotency_key(
-                              order.requisition_id, order.seq,
-                              item_set_hash(order.item_ids), gen))
-        if state == ORDER_DELIVERED:
-            values["DeliveredAt"] = ts
-        if failed_file is not None:
-            values["FailedFile"] = failed_file
-        item_state = {ORDER_DELIVERED: ITEM_DELIVERED, ORDER_DEAD: ITEM_DEAD,
-                      ORDER_CONFERIR: ITEM_CONFERIR, ORDER_PENDING: ITEM_ORDERED,
-                      ORDER_RESOLVED: ITEM_DELIVERED}.get(state)
         with self.engine.begin() as conn:
-            res = conn.execute(sa.update(self.orders).where(
-                self.orders.c.OrderId == order.order_id, self.orders.c.State == ORDER_SENDING,
-                self.orders.c.Holder == order.holder).values(**values))
-            if res.rowcount != 1:
-                return False
-            last_attempt = (sa.select(sa.func.max(self.attempts.c.AttemptId))
-                            .where(self.attempts.c.OrderId == order.order_id).scalar_subquery())
-            conn.execute(sa.update(self.attempts).where(
-                self.attempts.c.AttemptId == last_attempt).values(
-                FinishedAt=ts, Status=status, Outcome=outcome, Detail=detail[:4000],
-                ElapsedMs=elapsed_ms))
+            written = self._finish_in(conn, specs, ts) if specs else []
+            for name, value in (flags or {}).items():
+                self._set_flag(conn, name, value, ts)
+            claimed = self._claim_in(conn, claim_ids, holder, ts) if claim_ids else []
+        if any(written):
+            self.work_version += 1  # a retry became due, or a later order was unblocked
+        return Exchange(written=written, claimed=claimed)
+
+    def _finish_in(self, conn: Connection, specs: Sequence[Finish], ts: dt.datetime) -> list[bool]:
+        o = self.orders
+        held: set[tuple[int, str | None]] = set()
+        for chunk in _chunks([spec.order.order_id for spec in specs]):
+            # FOR UPDATE on PostgreSQL, UPDLOCK on SQL Server; SQLite's BEGIN IMMEDIATE
+            # already made this transaction the only writer.
+            q = (sa.select(o.c.OrderId, o.c.Holder)
+                 .where(o.c.OrderId.in_(chunk), o.c.State == ORDER_SENDING)
+                 .with_for_update()
+                 .with_hint(o, "WITH (UPDLOCK, ROWLOCK)", "mssql"))
+            held.update((int(r.OrderId), r.Holder) for r in conn.execute(q))
+        written = [(spec.order.order_id, spec.order.holder) in held for spec in specs]
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        attempts: list[dict[str, Any]] = []
+        items: dict[tuple[str, str | None], list[int]] = {}
+        for spec, ok in zip(specs, written, strict=True):
+            if not ok:
+                continue
+            order = spec.order
+            values = spec.order_values(ts)
+            shapes.setdefault(tuple(sorted(values)), []).append(
+                {"b_id": order.order_id, "b_holder": order.holder,
+                 **{"v_" + k: v for k, v in values.items()}})
+            attempts.append({"b_id": order.order_id, "b_ts": ts, "b_status": spec.status,
+                             "b_outcome": spec.outcome, "b_detail": spec.detail[:4000],
+                             "b_elapsed": spec.elapsed_ms})
+            item_state = _ITEM_STATE_OF_ORDER.get(spec.state)
             if item_state is not None:
-                reason = None if state in (ORDER_DELIVERED, ORDER_PENDING) else detail
-                self._set_items(conn, list(order.item_ids), item_state, ts, reason=reason)
-        return True
+                reason = None if spec.state in (ORDER_DELIVERED, ORDER_PENDING) else spec.detail
+                items.setdefault((item_state, reason), []).extend(order.item_ids)
+        for keys, rows in shapes.items():
+            conn.execute(self._finish_statement(keys), rows)
+        if attempts:
+            conn.execute(self._stmt_close_attempt, attempts)
+        for (item_state, reason), ids in items.items():
+            self._set_items(conn, ids, item_state, ts, reason=reason)
+        return written
+
+    def _finish_statement(self, keys: tuple[str, ...]) -> sa.Update:
+        """The fenced UPDATE for one shape of values (built once per shape)."""
+        stmt = self._finish_stmts.get(keys)
+        if stmt is None:
+            o = self.orders
+            stmt = (sa.update(o)
+                    .where(o.c.OrderId == sa.bindparam("b_id"), o.c.State == ORDER_SENDING,
+                           o.c.Holder == sa.bindparam("b_holder"))
+                    .values({k: sa.bindparam("v_" + k) for k in keys}))
+            self._finish_stmts[keys] = stmt
+        return stmt
+
+    def holding(self, order_ids: Sequence[int], holder: str) -> set[int]:
+        """Which of these orders ``holder`` is still sending."""
+        o = self.orders
+        out: set[int] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(order_ids):
+                out.update(int(x) for x in conn.execute(sa.select(o.c.OrderId).where(
+                    o.c.OrderId.in_(chunk), o.c.State == ORDER_SENDING,
+                    o.c.Holder == holder)).scalars())
+        return out
 
     def holds(self, order_id: int, holder: str) -> bool:
         """Whether ``holder`` is still the one sending this order."""
@@ -637,7 +912,8 @@ class StateStore:
             conn.execute(sa.update(self.orders).where(self.orders.c.OrderId == order_id)
                          .values(**values))
             self._set_items(conn, list(order.item_ids), ITEM_ORDERED, ts)
-            return True
+        self.work_version += 1
+        return True
 
     def resolve_order(self, order_id: int, *, now: dt.datetime, note: str) -> bool:
         """A person confirmed the order is at Bemsoft (or no longer needed)."""
@@ -663,12 +939,14 @@ class StateStore:
     # --- flags -------------------------------------------------------------------------------
     def set_flag(self, name: str, value: str | None, *, now: dt.datetime) -> None:
         """Upsert a named flag (UPDATE then INSERT; no MERGE)."""
-        ts = utc_naive(now)
         with self.engine.begin() as conn:
-            res = conn.execute(sa.update(self.flags).where(self.flags.c.Name == name)
-                               .values(Value=value, UpdatedAt=ts))
-            if res.rowcount == 0:
-                conn.execute(sa.insert(self.flags).values(Name=name, Value=value, UpdatedAt=ts))
+            self._set_flag(conn, name, value, utc_naive(now))
+
+    def _set_flag(self, conn: Connection, name: str, value: str | None, ts: dt.datetime) -> None:
+        res = conn.execute(sa.update(self.flags).where(self.flags.c.Name == name)
+                           .values(Value=value, UpdatedAt=ts))
+        if res.rowcount == 0:
+            conn.execute(sa.insert(self.flags).values(Name=name, Value=value, UpdatedAt=ts))
 
     def get_flag(self, name: str) -> tuple[str | None, dt.datetime | None]:
         """Value and time of a flag ((None, None) when never set)."""
