@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from bemsoft_monitor.cli import cli_command, help_text_pt
 from bemsoft_monitor.cli_ops import run_app
 from bemsoft_monitor.simulator import Simulator
 
-from .test_ops import dead_letter_demo, demo, posts, run_cli, store_of, write_env
+from .test_ops import _TlsFront, dead_letter_demo, demo, posts, run_cli, store_of, write_env
 
 #: English words Click and Typer put in help pages and error lines.
 ENGLISH = ("Usage", "Options", "Commands", "Arguments", "Show this message", "default:",
@@ -300,3 +301,37 @@ def test_retry_move_ok_folder_that_cannot_be_created_is_one_line_and_exit_2(
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("✗ --move-ok: não foi possível usar a pasta")
     assert posts(sim) == before and all(f.exists() for f in files)  # nothing sent or moved
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl não disponível")
+def test_check_with_verify_off_says_so_in_portuguese_only(tmp_path: Path, sim: Simulator) -> None:
+    settings = demo(tmp_path, sim)
+    front = _TlsFront(tmp_path, sim)
+    try:
+        write_env(tmp_path, settings, BEMSOFT_BASE_URL=front.url, BEMSOFT_VERIFY="0")
+        proc = run_cli(tmp_path, "check")
+    finally:
+        front.close()
+    assert proc.returncode == 0, proc.stdout
+    lines = check_lines(proc)
+    assert "✓ TLS: certificado NÃO verificado (BEMSOFT_VERIFY=0)" in lines
+    assert any(line.startswith("! configuração: BEMSOFT_VERIFY=0") for line in lines)
+    assert "Unverified HTTPS" not in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_python_warnings_go_through_the_log_in_portuguese_lines(tmp_path: Path) -> None:
+    code = (
+        "import warnings\n"
+        "from urllib3.exceptions import InsecureRequestWarning\n"
+        "from bemsoft_monitor.logsetup import setup_logging\n"
+        "setup_logging(secrets=('tok-SEGREDO-42',))\n"
+        "warnings.warn('Unverified HTTPS request', InsecureRequestWarning)\n"
+        "warnings.warn('biblioteca avisou: Bearer tok-SEGREDO-42')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "Unverified HTTPS" not in proc.stderr
+    assert " AVISO " in lines[0] and "biblioteca avisou" in lines[0], proc.stderr
+    assert "tok-SEGREDO-42" not in proc.stderr

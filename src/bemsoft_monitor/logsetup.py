@@ -18,8 +18,11 @@ import os
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
+
+from urllib3.exceptions import InsecureRequestWarning
 
 from .errors import ConfigError
 from .redact import redact_secrets
@@ -258,6 +261,10 @@ def setup_logging(
     root.setLevel(level)
     for noisy in ("urllib3", "requests", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # BEMSOFT_VERIFY=0 is already said once, in Portuguese, among the configuration warnings;
+    # urllib3 would add an English one. Other Python warnings go through the log's filter.
+    warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+    logging.captureWarnings(True)
     _route_uncaught_exceptions()
 
 

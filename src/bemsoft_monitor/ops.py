@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql import visitors
+from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
 from .bemsoft import DEFINITELY_NOT_SAVED, Kind, Outcome
@@ -1055,11 +1057,14 @@ class Checker:
         session.trust_env = False
         started = time.monotonic()
         try:
-            resp = session.get(url, headers={"Authorization": f"Bearer {self.s.token}",
-                                             "Accept": "application/json",
-                                             "User-Agent": f"BemsoftMonitor/{__version__}"},
-                               timeout=min(self.s.bemsoft_timeout, CHECK_HTTP_TIMEOUT_S),
-                               verify=self.s.verify, allow_redirects=False)
+            with warnings.catch_warnings():
+                # BEMSOFT_VERIFY=0 has its own TLS line; urllib3's English warning is noise.
+                warnings.simplefilter("ignore", InsecureRequestWarning)
+                resp = session.get(url, headers={"Authorization": f"Bearer {self.s.token}",
+                                                 "Accept": "application/json",
+                                                 "User-Agent": f"BemsoftMonitor/{__version__}"},
+                                   timeout=min(self.s.bemsoft_timeout, CHECK_HTTP_TIMEOUT_S),
+                                   verify=self.s.verify, allow_redirects=False)
         except requests.exceptions.SSLError as exc:
             yield Check("fail", "TLS", f"certificado de {base} não validado "
                                        f"({self._scrub(_short(exc))})",
