@@ -7,6 +7,7 @@ usage or configuration, 3 a ``check`` failed.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import re
@@ -313,6 +314,19 @@ def _age(seconds: float | None) -> str:
     return f"{s // 86400} dias"
 
 
+def _when(iso: str | None) -> str:
+    """An ISO-8601 UTC time as this computer's local time, to the second."""
+    if not iso:
+        return "—"
+    try:
+        moment = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 ORDER_LABELS = {"pending": "na fila", "sending": "enviando", "delivered": "entregues",
                 "dead": "falharam (FAILED_DIR)", "conferir": "conferir", "resolved": "resolvidos"}
 ITEM_LABELS = {"pending": "aguardando", "ordered": "em pedido", "delivered": "entregues",
@@ -331,7 +345,7 @@ def _status_table(data: dict[str, Any]) -> Table:
     table.add_row("Checkpoint (LastItemId)", str(data["checkpoint"]) if data["checkpoint"]
                   is not None else "—")
     poll = data["last_successful_poll"]
-    table.add_row("Última leitura do LIS", f"{poll} (há {_age(data['last_poll_age_s'])})"
+    table.add_row("Última leitura do LIS", f"{_when(poll)} (há {_age(data['last_poll_age_s'])})"
                   if poll else "—")
     table.add_row("Pedidos", ", ".join(f"{ORDER_LABELS[k]}: {v}"
                                        for k, v in data["orders"].items()))
@@ -346,7 +360,7 @@ def _status_table(data: dict[str, Any]) -> Table:
                   f"{_age(data['catalog_age_s'])}" if entries is not None else "nunca baixado")
     lease = data["lease"]
     if lease:
-        state = "expirada" if lease["expired"] else f"válida até {lease['expires_at']}"
+        state = "expirada" if lease["expired"] else f"válida até {_when(lease['expires_at'])}"
         table.add_row("Trava (lease)", f"{escape(lease['holder'])} ({state})")
     else:
         table.add_row("Trava (lease)", "livre")
