@@ -375,6 +375,9 @@ def test_check_lists_installed_odbc_drivers_when_the_configured_one_is_missing(
     assert driver.startswith("✗") and "Driver Que Nao Existe 99" in driver
     for name in pyodbc.drivers():
         assert name in driver
+    bad = [line for line in check_lines(proc) if line.startswith("✗")]
+    assert bad == [driver]  # no second, misleading "no connection" line
+    assert "– banco do LIS: não verificado (driver do SQL Server ausente)" in check_lines(proc)
     assert "senha-secreta" not in proc.stdout + proc.stderr
 
 

@@ -837,8 +837,14 @@ class Checker:
         yield from self._config()
         yield from self._components()
         yield from self._maps()
-        yield from self._driver()
-        lis_ok = yield from self._lis()
+        driver = list(self._driver())
+        yield from driver
+        if any(check.status == "fail" for check in driver):
+            # Connecting would only repeat the driver's failure as a misleading network error.
+            yield Check("skip", "banco do LIS", "não verificado (driver do SQL Server ausente)")
+            lis_ok = False
+        else:
+            lis_ok = yield from self._lis()
         yield from self._state(lis_ok)
         yield from self._bemsoft()
         yield from self._folders()
