@@ -266,7 +266,7 @@ def test_pyodbc_engine_adds_password_only_when_connecting() -> None:
     engine = make_engine(lis_url(s), settings=s)
     assert "p;w}d" not in repr(engine) and "p;w}d" not in str(engine.url)
     assert engine.dialect.fast_executemany is False
-    assert engine.pool._recycle == dbconn.MSSQL_POOL_RECYCLE_S
+    assert engine.pool._recycle == dbconn.POOL_RECYCLE_S
     cargs, cparams = connect_arguments(engine)
     assert len(cargs) == 1
     assert attributes(cargs[0]) == attributes(odbc_connection_string(s))

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "BemsoftMonitor"
 FREETDS_TDS_VERSION = "7.4"  # SQL Server 2012+, the oldest the LIS runs on
 SQLITE_BUSY_TIMEOUT_S = 30.0
-MSSQL_POOL_RECYCLE_S = 1800
+POOL_RECYCLE_S = 1800
 DEFAULT_LOGIN_TIMEOUT_S = 15
 
 # DB_ENCRYPT (ODBC Driver 18 words) → FreeTDS "Encryption". Driver 18's "no"/"optional"
@@ -217,15 +217,19 @@ def make_engine(
         raise ConfigError("URL de banco inválida (não é uma URL SQLAlchemy)") from None
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
 
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No ping on every checkout: it would double the round trips of an idle poll. A
+    # connection the server closed fails its statement, SQLAlchemy discards the pool, and
+    # the monitor repeats that step once on a fresh connection (engine.Monitor).
+    kwargs: dict[str, Any] = {}
     connect_args: dict[str, Any] = {}
+    if backend != "sqlite":
+        # Lab networks and firewalls drop idle connections; recycle before they do.
+        kwargs["pool_recycle"] = POOL_RECYCLE_S
     if backend == "sqlite":
         # The engine is shared by the loop's threads; SQLite itself serializes writers.
         connect_args["check_same_thread"] = False
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
     elif backend == "mssql":
-        # Lab networks and firewalls drop idle connections; recycle before they do.
-        kwargs["pool_recycle"] = MSSQL_POOL_RECYCLE_S
         # Login timeout for pyodbc and mssql-python alike (SQL_ATTR_LOGIN_TIMEOUT).
         connect_args["timeout"] = settings.db_login_timeout if settings else (
             DEFAULT_LOGIN_TIMEOUT_S
@@ -297,4 +301,7 @@ def _configure_sqlite(engine: Engine, url: URL, *, for_state: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(begin_sql)
+        # Reads of the state store (execution option bm_read_only) must not take the write
+        # lock that BEGIN IMMEDIATE takes; in WAL mode they never block the writer.
+        read_only = connection.get_execution_options().get("bm_read_only", False)
+        connection.exec_driver_sql("BEGIN" if read_only else begin_sql)

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -46,6 +46,7 @@ from .store import (
 from .transform import build_orders
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 FLAG_AUTH_PAUSED = "AuthPaused"
 FLAG_LAST_POLL = "LastSuccessfulPoll"
@@ -320,7 +321,7 @@ class Monitor:
         if not self.started:
             self.start()
         stats = CycleStats()
-        if not self.hold_lease():
+        if not self._again_if_dropped(self.hold_lease):
             stats.lease_held = False
             return stats
         if not self._db_step(self._ingest, stats):
@@ -333,7 +334,7 @@ class Monitor:
 
     def _db_step(self, step: Callable[[CycleStats], None], stats: CycleStats) -> bool:
         try:
-            step(stats)
+            self._again_if_dropped(lambda: step(stats))
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
             if self._db_down_since is None:
                 self._db_down_since = self.clock.now()
@@ -345,6 +346,23 @@ class Monitor:
             log.info("banco de dados disponível novamente (fora por %.0f s)", down)
             self._db_down_since = None
         return True
+
+    @staticmethod
+    def _again_if_dropped(step: Callable[[], _T]) -> _T:
+        """Run ``step``; once more if it met a pooled connection the server had closed.
+
+        Connections are not pinged on checkout (an idle poll costs one round trip), so
+        after a database restart the first statement finds a dead connection; SQLAlchemy
+        then discards the pool and the repeat runs on a fresh one. Every step is safe to
+        repeat: what it wrote before the failure was committed or rolled back whole.
+        """
+        try:
+            return step()
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.info("conexão com o banco fechada pelo servidor; reconectando")
+            return step()
 
     # --- ingest -----------------------------------------------------------------------------------------
     def _ingest(self, stats: CycleStats) -> None:
