@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.app import build_monitor, build_parts
@@ -118,9 +117,6 @@ def test_state_kept_in_the_lis_database_holds_no_connection_during_http(
     monitor.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BEMSOFT_RETRIES conta tentativas, não novas tentativas: o original (urllib3 "
-    "Retry(total=N)) fazia 1 + N chamadas; pedido de correção em engine.py"))
 def test_bemsoft_retries_means_new_attempts_after_the_first_like_the_original(
         tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
     url = f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"

@@ -140,7 +140,7 @@ def _saved(sim: Simulator) -> list[str]:
     ("notjson", "não é JSON válido"),
     ("empty", "catálogo vazio"),
     ("noids", 'nenhum dos 2 itens tem "id" e "specimen.id"'),
-    ("timeout", "indisponível"),
+    ("timeout", "sem resposta da Bemsoft"),
 ])
 def test_a_bad_catalogue_answer_keeps_the_last_good_copy_and_says_why(
         tmp_path: Path, front: Front, mode: str, fragment: str,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
 from .bemsoft import BemsoftClient
-from .catalog import CatalogCache, load_material_map, load_test_map
+from .catalog import CatalogCache, MapReloader
 from .config import Settings, config_warnings
 from .dbconn import lis_schema, lis_url, make_engine, state_url
 from .engine import Clock, Monitor
@@ -38,6 +38,7 @@ class Parts:
     catalog: CatalogCache | None
     test_map: dict[str, str]
     material_map: dict[str, str]
+    maps: MapReloader | None = None
 
 
 def build_client(settings: Settings) -> BemsoftClient:
@@ -46,6 +47,7 @@ def build_client(settings: Settings) -> BemsoftClient:
         base_url=settings.bemsoft_base_url, token=settings.token,
         endpoint=settings.bemsoft_endpoint, tests_endpoint=settings.bemsoft_tests_endpoint,
         timeout_s=settings.bemsoft_timeout, verify=settings.verify,
+        proxy=settings.bemsoft_proxy,
     )
 
 
@@ -59,10 +61,12 @@ def build_parts(settings: Settings, *, state_in_memory: bool | None = None) -> P
     source = LisSource(tables=lis_tables(schema), support_labs=settings.support_labs)
     in_memory = settings.bemsoft_dry_run if state_in_memory is None else state_in_memory
     store = _state_store(settings, lis_engine, in_memory=in_memory)
-    test_map = load_test_map(Path(settings.bemsoft_test_map_path)) \
-        if settings.bemsoft_test_map_path else {}
-    material_map = load_material_map(Path(settings.bemsoft_material_map_path)) \
-        if settings.bemsoft_material_map_path else {}
+    # Read (and validated) here; the running monitor re-reads a file that changes.
+    maps = MapReloader(
+        test_map_path=Path(settings.bemsoft_test_map_path)
+        if settings.bemsoft_test_map_path else None,
+        material_map_path=Path(settings.bemsoft_material_map_path)
+        if settings.bemsoft_material_map_path else None)
     client: BemsoftClient | None = None
     if not settings.bemsoft_dry_run:
         client = build_client(settings)
@@ -72,7 +76,8 @@ def build_parts(settings: Settings, *, state_in_memory: bool | None = None) -> P
         ttl_s=settings.bemsoft_tests_ttl,
         min_refresh_s=settings.bemsoft_tests_min_refresh,
     )
-    return Parts(settings, lis_engine, source, store, client, catalog, test_map, material_map)
+    return Parts(settings, lis_engine, source, store, client, catalog, maps.test_map,
+                 maps.material_map, maps)
 
 
 def _no_http() -> list[CatalogEntry]:
@@ -132,7 +137,7 @@ def build_monitor(
     return Monitor(
         settings=parts.settings, lis_engine=parts.lis_engine, source=parts.source,
         store=parts.store, client=parts.client, catalog=parts.catalog,
-        test_map=parts.test_map, material_map=parts.material_map, clock=clock,
+        test_map=parts.test_map, material_map=parts.material_map, maps=parts.maps, clock=clock,
         show_payload=_payload_printer(parts.settings.log_pii) if show_payload else None,
     )
 

@@ -137,8 +137,10 @@ class BemsoftClient:
         tests_endpoint: str = "/tests",
         timeout_s: float = 30.0,
         verify: bool | str = True,
+        proxy: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.proxy = proxy
         self._token = token
         self.endpoint = endpoint
         self.tests_endpoint = tests_endpoint
@@ -152,6 +154,8 @@ class BemsoftClient:
             session = requests.Session()
             session.headers["User-Agent"] = f"BemsoftMonitor/{__version__}"
             session.trust_env = False  # a proxy from the environment must be explicit
+            if self.proxy:
+                session.proxies = {"http": self.proxy, "https": self.proxy}
             self._local.session = session
         return session
 
@@ -159,7 +163,7 @@ class BemsoftClient:
         return {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
 
     def _scrub(self, text: str) -> str:
-        return redact_secrets(text, (self._token,))
+        return redact_secrets(text, (self._token, self.proxy or ""))
 
     def post_order(self, payload: dict[str, Any], *, key: str) -> Outcome:
         """POST one order with its Idempotency-Key and classify the answer."""
@@ -196,6 +200,14 @@ class BemsoftClient:
         try:
             resp = self._session().get(url, headers=self._headers(), timeout=self.timeout_s,
                                        verify=self.verify, allow_redirects=False)
+        except requests.exceptions.SSLError as exc:
+            raise CatalogUnavailable(
+                f"catálogo {self.tests_endpoint}: falha de TLS com a Bemsoft: "
+                f"{self._scrub(_short(exc))}; confira BEMSOFT_VERIFY e o certificado") from None
+        except requests.exceptions.Timeout:
+            raise CatalogUnavailable(
+                f"catálogo {self.tests_endpoint}: sem resposta da Bemsoft em "
+                f"{self.timeout_s:g} s (BEMSOFT_TIMEOUT)") from None
         except requests.exceptions.RequestException as exc:
             raise CatalogUnavailable(
                 f"catálogo {self.tests_endpoint} indisponível: {self._scrub(_short(exc))}"

@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .redact import redact_secrets, redact_url
 
 SECRET_FIELDS = frozenset({"db_pass", "bemsoft_token", "painel_token", "painel_password",
-                           "smtp_password", "alert_webhook_url"})
+                           "smtp_password", "alert_webhook_url", "bemsoft_proxy"})
 URL_FIELDS = frozenset({"db_url", "state_db_url"})
 # Free-form ODBC attributes may carry a PWD=...; shown only after redaction.
 ODBC_FIELDS = frozenset({"db_odbc_extra"})
@@ -218,7 +218,8 @@ class Settings(BaseSettings):
     bemsoft_token: SecretStr | None = Field(None, description="token Bearer")
     bemsoft_timeout: float = Field(30.0, gt=0, le=600, description="segundos")
     bemsoft_retries: int = Field(
-        0, ge=0, le=10000, description="tentativas antes do FAILED_DIR (0 = só o horizonte)"
+        0, ge=0, le=10000,
+        description="novas tentativas após a primeira, antes do FAILED_DIR (0 = só o horizonte)"
     )
     bemsoft_backoff: float = Field(2.0, gt=0, le=3600, description="segundos (base do backoff)")
     bemsoft_backoff_max: float = Field(600.0, gt=0, le=86400, description="segundos")
@@ -226,6 +227,7 @@ class Settings(BaseSettings):
         86400.0, gt=0, le=30 * 86400, description="segundos de novas tentativas"
     )
     bemsoft_verify: str = Field("1", description="1, 0 ou caminho de um arquivo CA")
+    bemsoft_proxy: str | None = Field(None, description="URL http(s)://[usuário:senha@]proxy:porta")
     bemsoft_dry_run: bool = Field(False, description="1 ou 0 (sim/não)")
     bemsoft_extid_max: int = Field(20, ge=8, le=200, description="caracteres, 8 a 200")
     bemsoft_concurrency: int = Field(4, ge=1, le=64, description="1 a 64")
@@ -488,6 +490,16 @@ class Settings(BaseSettings):
             raise ValueError("curto demais: use no mínimo 12 caracteres")
         return value
 
+    @field_validator("bemsoft_proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("deve começar com http:// ou https://")
+        return value
+
     @field_validator("alert_webhook_url")
     @classmethod
     def _webhook(cls, value: str | None) -> str | None:
@@ -575,7 +587,7 @@ class Settings(BaseSettings):
         extra = tuple(v.get_secret_value() for v in (self.painel_token, self.painel_password,
                                                      self.smtp_password) if v is not None)
         return tuple(s for s in (self.token, self.db_password, *extra,
-                                 self.alert_webhook_url or "") if s)
+                                 self.alert_webhook_url or "", self.bemsoft_proxy or "") if s)
 
     @property
     def alert_emails(self) -> tuple[str, ...]:

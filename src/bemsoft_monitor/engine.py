@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from .backoff import backoff_delay_s
 from .bemsoft import DEFINITELY_NOT_SAVED, BemsoftClient, Kind, Outcome
-from .catalog import CatalogCache, Resolver
+from .catalog import CatalogCache, MapReloader, Resolver
 from .config import Settings
 from .deadletter import append_refused_report, write_failed
 from .errors import MonitorError
@@ -34,6 +34,7 @@ from .source import LisSource
 from .store import (
     ITEM_CANCELLED,
     ITEM_PENDING,
+    ITEM_REFUSED,
     ORDER_CONFERIR,
     ORDER_DEAD,
     ORDER_DELIVERED,
@@ -55,6 +56,7 @@ MAX_BATCHES_PER_CYCLE = 20
 SETTLE_CHUNK = 50  # requisitions re-read and settled per transaction
 MAX_SETTLE_PER_CYCLE = 10_000
 RECORD_BATCH = 200  # answers recorded per transaction
+RECONNECT_REPEATS = 3  # one per engine (LIS, state store) and one to spare
 WORK_RECHECK_S = 30.0  # idle: outbox re-read at least this often (other processes' changes)
 POLL_FLAG_EVERY_S = 30.0
 
@@ -182,6 +184,7 @@ class Monitor:
         catalog: CatalogCache | None,
         test_map: dict[str, str],
         material_map: dict[str, str],
+        maps: MapReloader | None = None,
         clock: Clock | None = None,
         show_payload: Callable[[OrderRow], None] | None = None,
         metrics: Metrics | None = None,
@@ -195,6 +198,8 @@ class Monitor:
         self.catalog = catalog
         self.test_map = test_map
         self.material_map = material_map
+        self.maps = maps
+        self._refusals_checked_for: float | None = None
         self.clock: Clock = clock or SystemClock()
         self.show_payload = show_payload
         self.host = hostname()
@@ -327,6 +332,7 @@ class Monitor:
         if not self._db_step(self._ingest, stats):
             return stats
         self._refresh_catalog()
+        self._reload_maps()
         if not self._db_step(self._settle_due, stats):
             return stats
         self._send(stats, drain=drain)
@@ -349,20 +355,22 @@ class Monitor:
 
     @staticmethod
     def _again_if_dropped(step: Callable[[], _T]) -> _T:
-        """Run ``step``; once more if it met a pooled connection the server had closed.
+        """Run ``step`` again while it meets pooled connections the server had closed.
 
         Connections are not pinged on checkout (an idle poll costs one round trip), so
         after a database restart the first statement finds a dead connection; SQLAlchemy
-        then discards the pool and the repeat runs on a fresh one. Every step is safe to
-        repeat: what it wrote before the failure was committed or rolled back whole.
+        then discards that engine's pool and the repeat runs on a fresh one (the LIS and
+        the state store have one engine each). Every step is safe to repeat: what it wrote
+        before the failure was committed or rolled back whole.
         """
-        try:
-            return step()
-        except sa.exc.DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            log.info("conexão com o banco fechada pelo servidor; reconectando")
-            return step()
+        for _ in range(RECONNECT_REPEATS):
+            try:
+                return step()
+            except sa.exc.DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+                log.info("conexão com o banco fechada pelo servidor; reconectando")
+        return step()
 
     # --- ingest -----------------------------------------------------------------------------------------
     def _ingest(self, stats: CycleStats) -> None:
@@ -411,13 +419,24 @@ class Monitor:
     def _refresh_catalog(self) -> None:
         if self.catalog is None or self.s.bemsoft_dry_run:
             return
-        before = self.catalog.loaded_at
         try:
             self.catalog.refresh_if_stale()
         except MonitorError as exc:  # pragma: no cover - refresh_if_stale keeps errors itself
             log.warning("catálogo não atualizado: %s", exc)
-        if self.catalog.loaded_at != before:
-            self._requeue_resolvable_refusals()
+        # Compared with the copy the refusals were last checked against, so a refresh made
+        # inside a settle (a code missing from the copy) also brings older refusals back.
+        if self.catalog.loaded_at != self._refusals_checked_for:
+            self._refusals_checked_for = self.catalog.loaded_at
+            if self._refusals_checked_for is not None:
+                self._requeue_resolvable_refusals("catálogo")
+
+    def _reload_maps(self) -> None:
+        """Re-read map files that changed; send what the new version resolves."""
+        if self.maps is None or not self.maps.refresh():
+            return
+        self.test_map, self.material_map = self.maps.test_map, self.maps.material_map
+        log.info("mapa de exames ou de materiais relido")
+        self._requeue_resolvable_refusals("mapeamento")
 
     def _resolver(self) -> Resolver:
         return Resolver(
@@ -427,15 +446,32 @@ class Monitor:
             dry_run=self.s.bemsoft_dry_run,
         )
 
-    def _requeue_resolvable_refusals(self) -> int:
-        """After a catalogue refresh, send refused items that now resolve."""
+    def _requeue_resolvable_refusals(self, cause: str) -> int:
+        """Refused items that would now be built (catalogue or map fixed) go back to the queue.
+
+        Each requisition's refused items are run through the transform again, so an item
+        refused for patient data or an externalId length stays refused instead of coming
+        back after every catalogue refresh.
+        """
         resolver = self._resolver()
-        ids = [row.item_id for row in self.store.items_by_state("refused", limit=100000)
-               if row.snapshot is not None and resolver.resolve(row.snapshot).refusal is None]
+        by_req: dict[int, list[LisItem]] = {}
+        for row in self.store.items_by_state(ITEM_REFUSED, limit=100000):
+            if row.snapshot is not None:
+                by_req.setdefault(row.requisition_id, []).append(row.snapshot)
+        if not by_req:
+            return 0
+        seqs = self.store.order_seqs(list(by_req))
+        now = self.clock.now()
+        ids: list[int] = []
+        for req_id, items in by_req.items():
+            result = build_orders(items, settings=self.s, resolver=resolver,
+                                  first_seq=seqs.get(req_id, 0) + 1, now=now)
+            still = {r.item_id for r in result.refusals}
+            ids.extend(i.item_id for i in items if i.item_id not in still)
         if not ids:
             return 0
-        n = self.store.requeue_refused(now=self.clock.now(), item_ids=ids)
-        log.info("%d item(ns) recusado(s) agora resolvido(s) pelo catálogo voltam para a fila", n)
+        n = self.store.requeue_refused(now=now, item_ids=ids)
+        log.info("%d item(ns) recusado(s) agora resolvido(s) pelo %s voltam para a fila", n, cause)
         return n
 
     def retry_refused(self) -> int:
@@ -714,12 +750,13 @@ class Monitor:
         recorded so that the row can point to it.
         """
         common: dict[str, Any] = {"status": outcome.status, "outcome": outcome.kind.value,
-                                  "elapsed_ms": int(outcome.elapsed_s * 1000)}
+                                  "elapsed_ms": int(outcome.elapsed_s * 1000),
+                                  "response": outcome.body_excerpt}
         kind = outcome.kind
         effects: list[Callable[[], None]] = [
             lambda: self.metrics.orders.labels(kind.value).inc()]
-        if outcome.status is not None:
-            effects.append(lambda: self.metrics.send_latency.observe(outcome.elapsed_s))
+        # Every attempt, answered or not: a timeout is the slowest send of all.
+        effects.append(lambda: self.metrics.send_latency.observe(outcome.elapsed_s))
         if kind in (Kind.DELIVERED, Kind.ALREADY, Kind.REJECTED, Kind.NOT_SAVED,
                     Kind.RATE_LIMITED):
             effects.append(self._breaker_success)
@@ -768,7 +805,9 @@ class Monitor:
         first = order.first_attempt_at or store_naive(now)
         elapsed = (store_naive(now) - first).total_seconds()
         out_of_time = elapsed >= self.s.bemsoft_retry_horizon_seconds
-        out_of_tries = 0 < self.s.bemsoft_retries <= order.attempts
+        # BEMSOFT_RETRIES counts new attempts after the first, as urllib3's Retry(total=N)
+        # of the original monitor did.
+        out_of_tries = 0 < self.s.bemsoft_retries < order.attempts
         if out_of_time or out_of_tries:
             limit = ("horizonte de novas tentativas (BEMSOFT_RETRY_HORIZON_SECONDS)"
                      if out_of_time else "número máximo de tentativas (BEMSOFT_RETRIES)")

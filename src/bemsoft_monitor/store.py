@@ -239,6 +239,14 @@ class Finish:
     key_answered: bool | None = None
     key_uncertain: bool | None = None
     failed_file: str | None = None
+    response: str = ""  # start of the response body, kept with the attempt
+
+    def attempt_detail(self) -> str:
+        """What the attempt row keeps: the outcome and the start of the answer."""
+        text = self.detail
+        if self.response and self.response not in text:
+            text += "\nresposta: " + self.response
+        return text[:4000]
 
     def order_values(self, ts: dt.datetime) -> dict[str, Any]:
         """Columns of the outbox row this outcome writes."""
@@ -879,7 +887,7 @@ class StateStore:
                 {"b_id": order.order_id, "b_holder": order.holder,
                  **{"v_" + k: v for k, v in values.items()}})
             attempts.append({"b_id": order.order_id, "b_ts": ts, "b_status": spec.status,
-                             "b_outcome": spec.outcome, "b_detail": spec.detail[:4000],
+                             "b_outcome": spec.outcome, "b_detail": spec.attempt_detail(),
                              "b_elapsed": spec.elapsed_ms})
             item_state = _ITEM_STATE_OF_ORDER.get(spec.state)
             if item_state is not None:
