@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import http.server
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -347,3 +349,101 @@ def test_redirect_from_a_real_server_is_not_followed_and_not_lost(
         monitor.close()
     finally:
         server.shutdown()
+
+
+class _ForwardProxy(http.server.ThreadingHTTPServer):
+    """A plain HTTP forward proxy on loopback that counts what passes through it."""
+
+    def __init__(self, user: str = "", password: str = "") -> None:
+        self.seen: list[tuple[str, str, str | None]] = []
+        self.expected_auth: str | None = None
+        if user:
+            self.expected_auth = "Basic " + base64.b64encode(
+                f"{user}:{password}".encode()).decode()
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: _ForwardProxy
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+    def _forward(self) -> None:
+        auth = self.headers.get("Proxy-Authorization")
+        self.server.seen.append((self.command, self.path, auth))
+        if self.server.expected_auth and auth != self.server.expected_auth:
+            self.send_response(407)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("proxy-authorization", "connection", "host")}
+        with requests.Session() as session:
+            session.trust_env = False  # the test's fake system proxy is not ours to use
+            resp = session.request(self.command, self.path, data=body, headers=headers,
+                                   timeout=5, allow_redirects=False)
+        self.send_response(resp.status_code)
+        for k, v in resp.headers.items():
+            if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(resp.content)))
+        self.end_headers()
+        self.wfile.write(resp.content)
+
+    do_GET = _forward  # noqa: N815 - http.server's method names
+    do_POST = _forward  # noqa: N815 - http.server's method names
+
+
+@pytest.fixture
+def proxy() -> Iterator[_ForwardProxy]:
+    server = _ForwardProxy(user="lab", password="s3gredo;proxy")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_bemsoft_proxy_carries_every_call_and_the_system_proxy_is_ignored(  # noqa: PLR0917 - fixtures
+        tmp_path: Path, lis_sqlite: Lis, sim: Simulator, clock: FakeClock, proxy: _ForwardProxy,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A proxy from the environment that goes nowhere: it must not be used.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    proxy_url = proxy.url.replace("http://", "http://lab:s3gredo%3Bproxy@")
+    settings = make_settings(_url(tmp_path), tmp_path, sim, bemsoft_proxy=proxy_url)
+    monitor, _parts = make_monitor(settings, clock)
+    with caplog.at_level(logging.DEBUG):
+        drive(monitor, clock)
+    monitor.close()
+    paths = [(method, path.replace(sim.url, "")) for method, path, _auth in proxy.seen]
+    print(f"\nchamadas pelo proxy: {paths}")
+    assert ("GET", "/tests") in paths and ("POST", "/requests") in paths
+    assert all(auth == proxy.expected_auth for _m, _p, auth in proxy.seen)
+    assert [t["test_external_id"] for t in sim.saved_tests()] == ["item-1"]
+    assert "s3gredo" not in caplog.text
+
+
+def test_a_proxy_that_refuses_the_credentials_is_a_retry_with_a_clear_reason(
+        tmp_path: Path, sim: Simulator, proxy: _ForwardProxy) -> None:
+    client = BemsoftClient(base_url=sim.url, token=sim.token, timeout_s=5,
+                           proxy=proxy.url.replace("http://", "http://lab:errada@"))
+    outcome = client.post_order({"batch": {}}, key="k-1")
+    print(f"\nresposta: {outcome.kind} {outcome.status} {outcome.message}")
+    assert outcome.status == 407
+    assert outcome.kind not in (Kind.DELIVERED, Kind.ALREADY)
+    assert "errada" not in outcome.message
+    assert sim.saved_tests() == []
+
+
+def test_bemsoft_proxy_must_be_an_http_url(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="BEMSOFT_PROXY") as info:
+        make_settings(_url(tmp_path), tmp_path, bemsoft_proxy="proxy.lab:3128")
+    assert "http://" in str(info.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -127,4 +128,52 @@ def test_an_unwritable_refused_report_loses_nothing(  # noqa: PLR0917 - pytest f
     assert _saved_codes(sim) == ["FE"]
     assert [r.item_id for r in parts.store.items_by_state("refused")] == [novo]
     assert "relatório de itens recusados" in caplog.text
+    monitor.close()
+
+
+def test_a_map_fixed_while_running_sends_the_refused_item_once_without_a_restart(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    test_map = tmp_path / "tests_map.json"
+    test_map.write_text('{"HEMOGRAMA": "HMG"}', encoding="utf-8")
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    ferro = lis.item(1, "FERRO")  # local code the support lab calls FE
+    settings = make_settings(db_url, tmp_path, sim, bemsoft_test_map_path=test_map)
+    monitor, parts = make_monitor(settings, clock)
+    drive(monitor, clock)
+    assert _saved_codes(sim) == ["FE"]
+    assert [r.item_id for r in parts.store.items_by_state("refused")] == [ferro]
+
+    # The lab fixes the map; the file's time moves forward (coarse file-system clocks).
+    before = test_map.stat().st_mtime_ns
+    test_map.write_text('{"HEMOGRAMA": "HMG", "FERRO": "FE"}', encoding="utf-8")
+    os.utime(test_map, ns=(before + 2_000_000_000, before + 2_000_000_000))
+    drive(monitor, clock)
+    drive(monitor, clock)
+    saved = sim.saved_tests()
+    print(f"\nexames salvos: {[(t['test_external_id'], t['support_test_id']) for t in saved]}")
+    assert sorted(t["test_external_id"] for t in saved) == sorted(
+        [f"item-{ferro}", f"item-{ferro - 1}"])
+    assert parts.store.items_by_state("refused") == []
+    assert len(parts.store.orders_of_requisition(1)) == 2  # the fix went in an order of its own
+    monitor.close()
+
+
+def test_an_item_refused_for_patient_data_stays_refused_when_the_map_changes(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    test_map = tmp_path / "tests_map.json"
+    test_map.write_text('{"HEMOGRAMA": "HMG"}', encoding="utf-8")
+    lis.patient(nome="   ")  # no name: every item of the requisition is refused
+    lis.requisition(1)
+    item = lis.item(1, "FE")
+    settings = make_settings(db_url, tmp_path, sim, bemsoft_test_map_path=test_map)
+    monitor, parts = make_monitor(settings, clock)
+    drive(monitor, clock)
+    before = test_map.stat().st_mtime_ns
+    test_map.write_text('{"HEMOGRAMA": "HMG", "X": "Y"}', encoding="utf-8")
+    os.utime(test_map, ns=(before + 2_000_000_000, before + 2_000_000_000))
+    drive(monitor, clock)
+    assert sim.saved_tests() == []
+    assert [r.item_id for r in parts.store.items_by_state("refused")] == [item]
     monitor.close()
