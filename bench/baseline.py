@@ -44,7 +44,9 @@ def run_baseline(parts: Parts, stop: threading.Event, delivered: list[int]) -> d
         with parts.lis_engine.connect() as conn:
             tx = conn.begin()
             checkpoint = parts.store.checkpoint(conn) or 0
-            items = parts.source.fetch_new_items(conn, after_id=checkpoint, limit=s.batch_size)
+            # The original read: CodItemSol > checkpoint, TOP 500, in id order.
+            items = parts.source.fetch_items(conn, [(checkpoint + 1, 2**62)],
+                                             limit=s.batch_size)
             for req_id, group in itertools.groupby(items, key=lambda i: i.requisition_id):
                 if stop.is_set():
                     break

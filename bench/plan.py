@@ -36,12 +36,20 @@ def build_large_itemsol(engine: sa.Engine, rows: int) -> None:
         conn.execute(sa.text("ANALYZE solicitacao"))
 
 
-def poll_query_sql(*, after_id: int, limit: int = 500) -> str:
-    """``LisSource.new_items_query`` compiled for PostgreSQL with its values inlined."""
+def poll_query_sql(*, after_id: int, limit: int = 500) -> dict[str, str]:
+    """The two LIS queries of a poll, compiled for PostgreSQL with their values inlined.
+
+    ``ids``: which CodItemSol values are visible above the checkpoint (every poll, idle or
+    not); ``items``: the items of the configured lab inside the window it returned.
+    """
     source = LisSource(tables=_tables(), support_labs=[LAB])
-    query = source.new_items_query(after_id=after_id, limit=limit)
-    return str(query.compile(dialect=postgresql.dialect(),
-                             compile_kwargs={"literal_binds": True}))
+    queries = {
+        "ids": source.visible_ids_query(after_id=after_id, limit=limit),
+        "items": source.new_items_query(ranges=[(after_id + 1, after_id + limit)]),
+    }
+    return {name: str(q.compile(dialect=postgresql.dialect(),
+                                compile_kwargs={"literal_binds": True}))
+            for name, q in queries.items()}
 
 
 def _tables() -> Any:

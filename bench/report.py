@@ -60,10 +60,12 @@ def targets(out: dict[str, Any]) -> list[list[Any]]:
                                f"{m['stop_reason']})" for m in big)])
     plan = out.get("plan")
     if plan:
-        rows.append([f"Consulta de leitura usa o índice de CodItemSol ({plan['rows']} linhas, "
-                     "PostgreSQL)", _mark(plan["caught_up"]["uses_pkey_index"]),
-                     f"{plan['caught_up']['itemsol_access']} (também em "
-                     "tests/test_query_plan.py)"])
+        cells = [v for k, v in plan.items() if k.startswith("caught_up")]
+        rows.append([f"Consultas de leitura usam o índice de CodItemSol ({plan['rows']} linhas, "
+                     "PostgreSQL)", _mark(bool(cells) and all(c["uses_pkey_index"]
+                                                              for c in cells)),
+                     "; ".join(f"{c['query']}: {c['itemsol_access']}" for c in cells)
+                     + " (também em tests/test_query_plan.py)"])
     return rows
 
 
@@ -194,12 +196,18 @@ def render(out: dict[str, Any]) -> str:
     plan = out.get("plan")
     if plan:
         parts += ["## Plano da consulta de leitura (PostgreSQL)", "",
-                  f"`LisSource.new_items_query` compilada para PostgreSQL, `ItemSol` com "
-                  f"{plan['rows']} linhas (ANALYZE feito).", ""]
+                  "As duas consultas de uma leitura, compiladas para PostgreSQL, `ItemSol` com "
+                  f"{plan['rows']} linhas (ANALYZE feito): `LisSource.visible_ids_query` "
+                  "(quais CodItemSol existem acima do checkpoint; roda a cada leitura, mesmo "
+                  "ociosa) e `LisSource.new_items_query` (os itens do laboratório dentro da "
+                  "janela devolvida).", ""]
         for name, title in (("caught_up", "monitor em dia"), ("cold_start", "partida do zero")):
-            p = plan[name]
-            parts += [f"**{title}** (CodItemSol > {p['after_id']}): ItemSol lido por "
-                      f"{p['itemsol_access']}", "", "```", p["plan"], "```", ""]
+            for query in ("ids", "items"):
+                p = plan.get(f"{name}_{query}")
+                if p is None:
+                    continue
+                parts += [f"**{title}, {query}** (CodItemSol > {p['after_id']}): ItemSol lido "
+                          f"por {p['itemsol_access']}", "", "```", p["plan"], "```", ""]
     prof = out.get("profile")
     if prof:
         parts += ["## Perfil (cProfile) da thread do laço do monitor", "",

@@ -296,13 +296,14 @@ def query_plan(*, rows: int) -> dict[str, Any]:
         build_large_itemsol(engine, rows)
         out: dict[str, Any] = {"rows": rows}
         for name, after in (("caught_up", max(0, rows - 2000)), ("cold_start", 0)):
-            sql = poll_query_sql(after_id=after)
-            access = itemsol_access(explain(engine, sql))
-            out[name] = {"after_id": after, "itemsol_access": access,
-                         "uses_pkey_index": bool(access) and all(
-                             k in ("Index Scan", "Index Only Scan") and (i or "").endswith("pkey")
-                             for k, i in access),
-                         "plan": plan_text(engine, sql)}
+            for query, sql in poll_query_sql(after_id=after).items():
+                access = itemsol_access(explain(engine, sql))
+                out[f"{name}_{query}"] = {
+                    "after_id": after, "query": query, "itemsol_access": access,
+                    "uses_pkey_index": bool(access) and all(
+                        k in ("Index Scan", "Index Only Scan") and (i or "").endswith("pkey")
+                        for k, i in access),
+                    "plan": plan_text(engine, sql)}
         engine.dispose()
         return out
     finally:

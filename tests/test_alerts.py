@@ -35,6 +35,7 @@ from bemsoft_monitor.alerts import (
     Snapshot,
     WebhookChannel,
     build_alerter,
+    commit,
     evaluate,
     monitor_snapshot,
 )
@@ -54,8 +55,16 @@ def snap(**kw: Any) -> Snapshot:
     return Snapshot(**values)
 
 
+def due(state: AlertState, s: Snapshot, at: dt.datetime, rules: Rules = RULES) -> list[Alert]:
+    """The alerts due at ``at``, each then delivered (committed) as a working channel would."""
+    alerts = evaluate(state, s, now=at, rules=rules)
+    for alert in alerts:
+        commit(state, alert)
+    return alerts
+
+
 def run(state: AlertState, s: Snapshot, at: dt.datetime) -> list[tuple[str, bool]]:
-    return [(a.kind, a.recovered) for a in evaluate(state, s, now=at, rules=RULES)]
+    return [(a.kind, a.recovered) for a in due(state, s, at)]
 
 
 # --- pure rules ---------------------------------------------------------------------------------
@@ -66,11 +75,10 @@ def test_token_rejected_alerts_once_repeats_after_the_window_and_recovers() -> N
     paused = snap(auth_paused="HTTP 401: token recusado")
     assert run(st, paused, T0) == [(KIND_TOKEN, False)]
     assert run(st, snap(auth_paused="HTTP 401", last_poll=T0 + 30 * MIN), T0 + 30 * MIN) == []
-    again = evaluate(st, snap(auth_paused="x", last_poll=T0 + 61 * MIN), now=T0 + 61 * MIN,
-                     rules=RULES)
+    again = due(st, snap(auth_paused="x", last_poll=T0 + 61 * MIN), T0 + 61 * MIN)
     assert [(a.kind, a.recovered) for a in again] == [(KIND_TOKEN, False)]
     assert "(continua)" in again[0].title
-    [rec] = evaluate(st, snap(last_poll=T0 + 62 * MIN), now=T0 + 62 * MIN, rules=RULES)
+    [rec] = due(st, snap(last_poll=T0 + 62 * MIN), T0 + 62 * MIN)
     assert rec.recovered and rec.kind == KIND_TOKEN and "Resolvido" in rec.title
     assert run(st, snap(last_poll=T0 + 63 * MIN), T0 + 63 * MIN) == []
 
@@ -91,7 +99,7 @@ def test_a_flapping_condition_is_rate_limited_per_kind() -> None:
 def test_no_successful_poll_counts_from_start_and_recovers_on_the_next_poll() -> None:
     st = AlertState(started_at=T0)
     assert run(st, snap(last_poll=None), T0 + 9 * MIN) == []
-    [alert] = evaluate(st, snap(last_poll=None), now=T0 + 10 * MIN, rules=RULES)
+    [alert] = due(st, snap(last_poll=None), T0 + 10 * MIN)
     assert alert.kind == KIND_NO_POLL and "10 min" in alert.title
     assert run(st, snap(last_poll=T0 + 11 * MIN), T0 + 11 * MIN) == [(KIND_NO_POLL, True)]
 
@@ -100,7 +108,7 @@ def test_alert_times_are_the_labs_clock() -> None:
     rules = Rules(no_poll_s=600, oldest_waiting_s=1800, repeat_s=3600,
                   tz=ZoneInfo("America/Sao_Paulo"))
     st = AlertState(started_at=T0)
-    [alert] = evaluate(st, snap(last_poll=T0), now=T0 + 10 * MIN, rules=rules)
+    [alert] = due(st, snap(last_poll=T0), T0 + 10 * MIN, rules)
     assert "desde 01/07/2026 08:00:00 (limite: 10 min)" in alert.message  # T0 is 11:00 UTC
     assert alert.as_json()["quando"] == "2026-07-01T08:10:00-03:00"
 
@@ -116,13 +124,12 @@ def test_oldest_waiting_order_alerts_past_the_threshold() -> None:
 
 def test_dead_letters_are_grouped_rate_limited_and_recover_when_none_is_left() -> None:
     st = AlertState(started_at=T0)
-    [first] = evaluate(st, snap(dead={(1, 1): 501}), now=T0, rules=RULES)
+    [first] = due(st, snap(dead={(1, 1): 501}), T0)
     assert first.kind == KIND_DEAD_LETTER and "501" in first.message
     # Two more inside the window: held back, then sent together.
     two_more = {(1, 1): 501, (2, 1): 502, (3, 4): 503}
     assert run(st, snap(dead=two_more, last_poll=T0 + 5 * MIN), T0 + 5 * MIN) == []
-    [grouped] = evaluate(st, snap(dead=two_more, last_poll=T0 + 60 * MIN), now=T0 + 60 * MIN,
-                         rules=RULES)
+    [grouped] = due(st, snap(dead=two_more, last_poll=T0 + 60 * MIN), T0 + 60 * MIN)
     assert "2 pedido(s)" in grouped.title and "502, 503" in grouped.message
     assert "total aguardando ação: 3" in grouped.message
     # Order 1 requeued and dead again (one more attempt): a new dead letter.
@@ -131,6 +138,27 @@ def test_dead_letters_are_grouped_rate_limited_and_recover_when_none_is_left() -
         (KIND_DEAD_LETTER, False)]
     assert run(st, snap(dead={}, last_poll=T0 + 122 * MIN), T0 + 122 * MIN) == [
         (KIND_DEAD_LETTER, True)]
+
+
+def test_an_alert_not_delivered_is_due_again_until_a_channel_takes_it() -> None:
+    st = AlertState(started_at=T0)
+    dead = snap(dead={(1, 1): 501}, auth_paused="401")
+    first = evaluate(st, dead, now=T0, rules=RULES)  # no channel took them
+    assert [(a.kind, a.dead) for a in first] == [(KIND_TOKEN, frozenset()),
+                                                 (KIND_DEAD_LETTER, frozenset({(1, 1)}))]
+    again = evaluate(st, dead, now=T0 + MIN, rules=RULES)
+    assert [(a.kind, a.message) for a in again] == [(a.kind, a.message) for a in first]
+    assert "(continua)" not in again[0].title  # nothing of this episode was announced yet
+    for alert in again:
+        commit(st, alert)
+    assert evaluate(st, dead, now=T0 + 2 * MIN, rules=RULES) == []
+    # A recovery that no channel took is due again too.
+    clear = snap(last_poll=T0 + 3 * MIN)
+    assert run(st, clear, T0 + 3 * MIN) == [(KIND_TOKEN, True), (KIND_DEAD_LETTER, True)]
+    st2 = AlertState(started_at=T0)
+    run(st2, dead, T0)
+    assert len(evaluate(st2, clear, now=T0 + 3 * MIN, rules=RULES)) == 2
+    assert len(evaluate(st2, clear, now=T0 + 4 * MIN, rules=RULES)) == 2
 
 
 def test_an_unreadable_store_neither_alerts_nor_recovers_its_conditions() -> None:
@@ -155,17 +183,21 @@ def test_a_standby_monitor_stays_quiet_and_counts_no_poll_from_its_takeover() ->
 
 
 class Hook:
-    """A loopback webhook receiver (a real HTTP server)."""
+    """A loopback webhook receiver (a real HTTP server).
 
-    def __init__(self, status: int = 200) -> None:
+    ``statuses``: the answers to the first POSTs, in order; 200 after them.
+    """
+
+    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
         received: list[dict[str, Any]] = []
         self.received = received
+        plan = list(statuses)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.append(json.loads(body))
-                self.send_response(status)
+                self.send_response(plan.pop(0) if plan else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -336,6 +368,32 @@ def test_monitor_conditions_reach_the_webhook_and_the_recovery_follows(
     assert len(smtp.messages) == len(hook.received)
     monitor.close()
     lis.dispose()
+
+
+def test_a_dead_letter_alert_the_webhook_refused_is_sent_again_at_the_next_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hook = Hook(statuses=(503,))
+    clock = FakeClock()
+    try:
+        alerter = Alerter(rules=RULES, channels=[WebhookChannel(hook.url)], now=clock.now,
+                          snapshot=lambda: snap(dead={(7, 3): 1234}, last_poll=clock.now()))
+        with caplog.at_level(logging.WARNING, logger="bemsoft_monitor.alerts"):
+            alerter.check()  # answered 503: nobody was told
+        assert [b["tipo"] for b in hook.received] == ["dead_letter"]
+        assert alerter.sent == []
+        assert "alerta dead_letter não entregue por nenhum canal" in caplog.text
+        clock.advance(30)  # the next check, well inside ALERT_REPEAT_MINUTES
+        alerter.check()
+        assert [b["tipo"] for b in hook.received] == ["dead_letter", "dead_letter"]
+        assert hook.received[1]["mensagem"] == hook.received[0]["mensagem"]
+        assert "solicitações: 1234" in hook.received[1]["mensagem"]
+        assert [a.kind for a in alerter.sent] == ["dead_letter"]
+        clock.advance(30)
+        alerter.check()  # delivered once: not repeated
+        assert len(hook.received) == 2
+    finally:
+        hook.close()
 
 
 def test_no_alerter_without_webhook_or_smtp(tmp_path: Path) -> None:

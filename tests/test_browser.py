@@ -4,12 +4,14 @@ The monitor runs as the real CLI (`run`, painel at HTTP_ADDR) on a SQLite LIS; t
 refuses the first order with a 422, so it becomes a dead letter. The browser logs in, sees
 it, clicks Reenviar and watches the monitor deliver it; the simulator must have saved it
 exactly once.
-Screenshots go to test-artifacts/; the overview is copied to docs/painel.png when that file
-is missing or UPDATE_PAINEL_SCREENSHOT=1.
+Screenshots go to test-artifacts/ at each checkpoint, and a screenshot plus the page source
+(``*-falha.png``/``*-falha.html``) whenever the test fails. The overview is copied to
+docs/painel.png only with UPDATE_PAINEL_SCREENSHOT=1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -129,13 +131,56 @@ def _shot(driver: Any, name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def evidence_on_failure(driver: Any, name: str) -> Iterator[None]:
+    """On any failure inside, keep what the browser showed: screenshot and page source."""
+    try:
+        yield
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        saved = []
+        # Best effort: the browser itself may be what broke; the original error matters more.
+        with contextlib.suppress(Exception):
+            driver.save_screenshot(str(ARTIFACTS / f"{name}-falha.png"))
+            saved.append(f"{name}-falha.png")
+        with contextlib.suppress(Exception):
+            (ARTIFACTS / f"{name}-falha.html").write_text(
+                f"<!-- {driver.current_url} -->\n{driver.page_source}", encoding="utf-8")
+            saved.append(f"{name}-falha.html")
+        print(f"\nartefatos da falha em {ARTIFACTS}: {', '.join(saved) or 'nenhum'}",
+              file=sys.stderr)
+        raise
+
+
+def test_a_failure_keeps_a_screenshot_and_the_page_source(browser: Any, tmp_path: Path) -> None:
+    page = tmp_path / "pendencias.html"
+    page.write_text('<html lang="pt-BR"><body><h1>Pendências de teste</h1></body></html>',
+                    encoding="utf-8")
+    browser.get(page.as_uri())  # a local file: nothing leaves this machine
+    name = f"teste-evidencia-{os.getpid()}"
+    shot, source = ARTIFACTS / f"{name}-falha.png", ARTIFACTS / f"{name}-falha.html"
+    try:
+        with pytest.raises(AssertionError, match="falhou de propósito"), \
+                evidence_on_failure(browser, name):
+            raise AssertionError("falhou de propósito")
+        assert shot.read_bytes().startswith(b"\x89PNG")
+        assert "Pendências de teste" in source.read_text(encoding="utf-8")
+    finally:
+        shot.unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
+
+
 def test_login_see_dead_letter_reenviar_and_simulator_gets_it_once(
     browser: Any, monitor_process: tuple[str, Simulator],
 ) -> None:
+    with evidence_on_failure(browser, "painel"):
+        _login_see_dead_letter_reenviar(browser, *monitor_process)
+
+
+def _login_see_dead_letter_reenviar(browser: Any, base: str, sim: Simulator) -> None:
     from selenium.webdriver.common.by import By  # noqa: PLC0415 - see the fixture
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
-    base, sim = monitor_process
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
     saved_before = [t for t in sim.saved_tests() if t["order_external_id"] == "order-1"]
     assert saved_before == []
@@ -161,7 +206,8 @@ def test_login_see_dead_letter_reenviar_and_simulator_gets_it_once(
     assert browser.find_element(By.ID, "total-mortos").text == "1"
     assert browser.find_elements(By.CSS_SELECTOR, "svg.grafico rect.falha")
     overview = _shot(browser, "painel-visao-geral.png")
-    if not DOC_SCREENSHOT.exists() or os.environ.get("UPDATE_PAINEL_SCREENSHOT") == "1":
+    # The README's picture changes only when someone asks for it.
+    if os.environ.get("UPDATE_PAINEL_SCREENSHOT") == "1":
         DOC_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(overview, DOC_SCREENSHOT)
 

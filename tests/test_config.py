@@ -383,7 +383,7 @@ def test_verify_accepts_flags_or_an_existing_ca_file(tmp_path: Path) -> None:
     assert lines_for(problems, "BEMSOFT_VERIFY")
 
 
-@pytest.mark.parametrize("addr", ["8765", "localhost:", ":8765", "host:70000"])
+@pytest.mark.parametrize("addr", ["localhost:", "host:70000", "127.0.0.1:abc"])
 def test_http_addr_needs_host_and_port(addr: str) -> None:
     problems = problems_of(DB_URL="sqlite://", TERCEIROS="A", BEMSOFT_DRY_RUN="1",
                            HTTP_ADDR=addr)

@@ -57,8 +57,9 @@ def test_every_executed_statement_compiles_for_sql_server(
     dialect = mssql.dialect()
     compiled = [str(c.compile(dialect=dialect)) for c in seen]
     assert len(compiled) > 40
-    lead = [q for q in compiled if "lead(" in q.lower()]
-    assert lead, "the gap query ran"
+    regap = [q for q in compiled if "BETWEEN" in q and "[_MonitorGap]" not in q
+             and "TOP" in q and "[ItemSol]" in q]
+    assert regap, "the poll re-read the open gap 11..19"
     top = [q for q in compiled if "TOP" in q and "ItemSol" in q]
     assert top, "the poll query uses TOP on SQL Server"
 
@@ -66,17 +67,17 @@ def test_every_executed_statement_compiles_for_sql_server(
 def test_lis_queries_on_sql_server_use_dbo_and_bound_parameters() -> None:
     source = LisSource(tables=lis_tables("dbo"), support_labs=["DIAGNÓSTICO DO BRASIL - DB",
                                                                 "AME-SE - PARDINI"])
-    q = source.new_items_query(after_id=17065, limit=500, gaps=[(100, 120)])
+    q = source.new_items_query(ranges=[(100, 120), (17066, 17565)])
     sql = str(q.compile(dialect=mssql.dialect()))
     assert "FROM dbo.[ItemSol]" in sql
-    assert "TOP __[POSTCOMPILE_param_1]" in sql or "TOP" in sql
     assert "UPPER(RTRIM(dbo.[ItemSol].[NomeTerceirizado])) IN" in sql
     assert "DIAGNÓSTICO" not in sql  # names travel as parameters, never inlined
     assert "ORDER BY dbo.[ItemSol].[CodItemSol]" in sql
-    literal = str(q.compile(dialect=mssql.dialect(), compile_kwargs={"literal_binds": True}))
-    assert "TOP 500" in literal
-    gaps = str(source.gaps_query(after_id=1, up_to_id=9).compile(dialect=mssql.dialect()))
-    assert "lead(dbo.[ItemSol].[CodItemSol]) OVER (ORDER BY dbo.[ItemSol].[CodItemSol])" in gaps
+    ids = source.visible_ids_query(after_id=17065, gaps=[(100, 120)], limit=500)
+    literal = str(ids.compile(dialect=mssql.dialect(), compile_kwargs={"literal_binds": True}))
+    assert literal.startswith("SELECT TOP 500 dbo.[ItemSol].[CodItemSol]"), literal
+    assert "dbo.[ItemSol].[CodItemSol] >= 100" in literal  # the index seeks to the oldest gap
+    assert "ORDER BY dbo.[ItemSol].[CodItemSol]" in literal
     req = str(source.requisition_query(4497).compile(dialect=mssql.dialect()))
     assert "LEFT OUTER JOIN dbo.paciente" in req
 

@@ -18,14 +18,14 @@ def test_poll_query_uses_the_coditemsol_index_on_a_million_rows(pg_url: str) -> 
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'ItemSol' "
                 "AND indexdef LIKE '%UNIQUE%(\"CodItemSol\")%'")).scalar_one()
         # The monitor is caught up: its checkpoint sits just below the newest items.
-        sql = poll_query_sql(after_id=ROWS - 2_000)
-        assert '"ItemSol"."CodItemSol" > 998000' in sql
-        access = itemsol_access(explain(engine, sql))
-        print(f"\nItemSol no plano: {access} (índice da chave: {pkey})")
-        assert access, "o plano não lê ItemSol"
-        assert all(kind in ("Index Scan", "Index Only Scan") and index == pkey
-                   for kind, index in access), access
-        # A full table scan is what the plan must avoid.
-        assert ("Seq Scan", None) not in access
+        for name, sql in poll_query_sql(after_id=ROWS - 2_000).items():
+            assert '"ItemSol"."CodItemSol" > 998000' in sql or "BETWEEN 998001" in sql, sql
+            access = itemsol_access(explain(engine, sql))
+            print(f"\n{name}: ItemSol no plano: {access} (índice da chave: {pkey})")
+            assert access, "o plano não lê ItemSol"
+            assert all(kind in ("Index Scan", "Index Only Scan") and index == pkey
+                       for kind, index in access), (name, access)
+            # A full table scan is what the plan must avoid.
+            assert ("Seq Scan", None) not in access
     finally:
         engine.dispose()

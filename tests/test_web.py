@@ -19,10 +19,15 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bemsoft_monitor.bemsoft import Kind
+from bemsoft_monitor.config import Settings
 from bemsoft_monitor.engine import Monitor
-from bemsoft_monitor.simulator import Simulator
+from bemsoft_monitor.errors import ConfigError
+from bemsoft_monitor.metrics import Metrics
+from bemsoft_monitor.simulator import Simulator, load_catalog_sample
 from bemsoft_monitor.web import (
     HttpBindError,
     Painel,
@@ -36,6 +41,7 @@ from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
 from .test_cli_run import cli, env_for, write_env
 
 PAINEL_TOKEN = "painel-segredo-123456"
+PII_TOKEN = "pii-segredo-do-painel-654"
 BEMSOFT_TOKEN = "bemsoft-token-secreto-987"
 PATIENT = "MARIA DA SILVA"
 
@@ -214,6 +220,59 @@ def test_readyz_is_503_when_the_lis_has_not_been_read_recently(env: Env) -> None
     assert requests.get(env.url + "/readyz").status_code == 200
 
 
+def test_every_order_outcome_is_a_metric_series_from_the_start(env: Env) -> None:
+    outcomes = [k.value for k in Kind]
+    fresh = generate_latest(Metrics().registry).decode()
+    assert [metric(fresh, "bemsoft_orders_total", outcome=o) for o in outcomes] == \
+        [0.0] * len(outcomes)
+    # The running monitor answered "delivered" and "rejected" only; the rest are 0, not absent.
+    text = requests.get(env.url + "/metrics").text
+    seen = {o: metric(text, "bemsoft_orders_total", outcome=o) for o in outcomes}
+    assert seen == {**dict.fromkeys(outcomes, 0.0), "delivered": 1.0, "rejected": 1.0}
+
+
+def bemsoft_check(url: str) -> tuple[int, dict[str, Any]]:
+    r = requests.get(url + "/readyz")
+    return r.status_code, next(c for c in r.json()["verificacoes"] if c["nome"] == "bemsoft")
+
+
+def test_readyz_notices_bemsoft_is_down_while_nothing_is_being_sent(env: Env) -> None:
+    painel = env.server.painel
+    status, check = bemsoft_check(env.url)  # orders were just answered
+    assert status == 200 and "última resposta da Bemsoft há" in check["detalhe"]
+    # Idle past the freshness window: /readyz asks GET /tests itself...
+    env.clock.advance(painel.bemsoft_fresh_s() + 1)
+    status, check = bemsoft_check(env.url)
+    assert status == 200 and "a Bemsoft respondeu HTTP 200" in check["detalhe"]
+    # ...at most once per interval: with the simulator gone, the answer is the cached one.
+    env.sim.stop()
+    env.clock.advance(painel.bemsoft_fresh_s() / 2)
+    status, check = bemsoft_check(env.url)
+    assert status == 200 and "sondagem GET /tests há" in check["detalhe"]
+    # Next interval: the probe finds nobody there.
+    env.clock.advance(painel.bemsoft_fresh_s() / 2 + 1)
+    env.monitor.cycle(drain=True)  # the LIS is still read: only Bemsoft is down
+    r = requests.get(env.url + "/readyz")
+    assert r.status_code == 503
+    checks = {c["nome"]: c for c in r.json()["verificacoes"]}
+    assert not checks["bemsoft"]["ok"] and "a Bemsoft não respondeu" in checks["bemsoft"]["detalhe"]
+    assert checks["leitura_lis"]["ok"] and checks["banco_de_estado"]["ok"]
+    assert BEMSOFT_TOKEN not in r.text
+    # Back up: the next probe (one interval later) says so.
+    env.sim.start()
+    env.clock.advance(painel.bemsoft_fresh_s() + 1)
+    env.monitor.cycle(drain=True)
+    assert requests.get(env.url + "/readyz").status_code == 200
+
+
+def test_readyz_probe_reports_a_token_rejected_by_get_tests(env: Env) -> None:
+    env.sim.set_token("outro-token-qualquer")
+    env.clock.advance(env.server.painel.bemsoft_fresh_s() + 1)
+    env.monitor.cycle(drain=True)
+    status, check = bemsoft_check(env.url)
+    assert status == 503 and "token recusado pela Bemsoft (HTTP 401)" in check["detalhe"]
+
+
 # --- authentication and CSRF -------------------------------------------------------------------
 
 
@@ -282,6 +341,32 @@ def test_repeated_wrong_logins_are_throttled(env: Env) -> None:
         codes.append(h.post(env.url + "/login", data={"csrf": csrf_of(page.text),
                                                       "token": "errado-errado-1"}).status_code)
     assert codes[:10] == [401] * 10 and codes[10] == 429
+
+
+def test_the_right_token_still_logs_in_after_many_wrong_ones_from_the_same_address(
+    env: Env,
+) -> None:
+    # Behind a reverse proxy every browser comes from one address: a guesser there must not
+    # lock the lab out, but their guesses must get slow.
+    env.server.auth.throttle_delay_s = 0.2
+    h = requests.Session()
+
+    def attempt(token: str) -> requests.Response:
+        page = h.get(env.url + "/login")
+        return h.post(env.url + "/login", data={"csrf": csrf_of(page.text), "token": token},
+                      allow_redirects=False)
+
+    assert [attempt("errado-errado-1").status_code for _ in range(10)] == [401] * 10
+    started = time.monotonic()
+    slowed = attempt("errado-errado-1")
+    assert slowed.status_code == 429 and "Token inválido" in slowed.text
+    assert time.monotonic() - started >= 0.2
+    ok = attempt(PAINEL_TOKEN)
+    assert ok.status_code == 303 and "bm_sessao=" in ok.headers["Set-Cookie"]
+    assert h.get(env.url + "/pendencias").status_code == 200
+    # A success clears the address's record: the next typo is an ordinary 401 again.
+    h.cookies.clear()
+    assert attempt("errado-errado-1").status_code == 401
 
 
 def test_without_painel_token_only_health_and_metrics_answer(tmp_path: Path,
@@ -382,6 +467,58 @@ def test_painel_pii_shows_patient_data(tmp_path: Path, sim: Simulator) -> None:
         assert PATIENT in html
 
 
+def test_pii_token_viewer_sees_patient_data_and_painel_token_viewer_does_not(
+    tmp_path: Path, sim: Simulator, caplog: pytest.LogCaptureFixture,
+) -> None:
+    for e in start_env(tmp_path, sim, painel_pii_token=PII_TOKEN):
+        with caplog.at_level(logging.INFO, logger="bemsoft_monitor.web.server"):
+            masked = login(e.url)
+            allowed = login(e.url, token=PII_TOKEN)
+        html = masked.get(e.url + "/requisicao/1").text
+        assert PATIENT not in html and "M**** D* S****" in html
+        assert "dados de pacientes mascarados" in html
+        html = allowed.get(e.url + "/requisicao/1").text
+        assert PATIENT in html and "dados de pacientes visíveis nesta sessão" in html
+        assert "Sair (token-pii)" in html
+        # The same painel, at the same time, still masks for the other session.
+        assert PATIENT not in masked.get(e.url + "/requisicao/1").text
+        entries = [r for r in caplog.records if "painel: entrada" in r.getMessage()]
+        assert [(r.levelno, "com acesso a dados de pacientes" in r.getMessage())
+                for r in entries] == [(logging.INFO, False), (logging.INFO, True)]
+        assert PII_TOKEN not in caplog.text
+
+
+def test_pii_token_works_beside_a_user_and_password_login(tmp_path: Path,
+                                                          sim: Simulator) -> None:
+    for e in start_env(tmp_path, sim, painel_token=None, painel_user="ana",
+                       painel_password="senha-forte-do-painel", painel_pii_token=PII_TOKEN):
+        page = requests.get(e.url + "/login").text
+        assert 'name="usuario"' in page and "PAINEL_PII_TOKEN" in page
+        user = login(e.url, usuario="ana", senha="senha-forte-do-painel")
+        assert PATIENT not in user.get(e.url + "/requisicao/1").text
+        assert PATIENT in login(e.url, token=PII_TOKEN).get(e.url + "/requisicao/1").text
+
+
+def test_pii_token_must_differ_from_the_painel_token(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PAINEL_PII_TOKEN: igual a PAINEL_TOKEN"):
+        make_settings("sqlite://", tmp_path, painel_token=PAINEL_TOKEN,
+                      painel_pii_token=PAINEL_TOKEN)
+    with pytest.raises(ConfigError, match="PAINEL_PII_TOKEN"):
+        make_settings("sqlite://", tmp_path, painel_pii_token="curto")
+
+
+def test_the_physician_is_shown_while_the_patient_stays_masked(tmp_path: Path,
+                                                               sim: Simulator) -> None:
+    doctor = {"physician_name": "JOAO PEREIRA LIMA", "physician_council": "CRM",
+              "physician_number": "12345", "physician_uf": "SE"}
+    for e in start_env(tmp_path, sim, **doctor):
+        html = login(e.url).get(e.url + "/requisicao/2").text
+        assert "&#34;physician&#34;" in html
+        assert "JOAO PEREIRA LIMA" in html
+        assert PATIENT not in html and "M**** D* S****" in html
+        assert "123.456.789-09" not in html and "1990-05-15" not in html
+
+
 def test_an_api_answer_echoing_the_patient_name_is_masked(env: Env) -> None:
     # Bemsoft may repeat the name in free text, where no pattern can recognise it.
     order_id = dead_order_id(env)
@@ -406,6 +543,46 @@ def test_no_secret_is_ever_rendered(env: Env) -> None:
                "/readyz", "/healthz", "/nada")]
     for body in bodies:
         assert BEMSOFT_TOKEN not in body and PAINEL_TOKEN not in body
+
+
+DB_SECRET = "senha-do-banco-0042"
+SMTP_SECRET = "senha-smtp-secreta-77"
+HOOK_KEY = "T0KEN-SECRETO-DO-WEBHOOK"
+HOOK_QUERY = "chave-secreta-99"
+
+
+def test_no_configured_secret_is_rendered_even_when_stored_text_repeats_it(
+    tmp_path: Path, sim: Simulator, pg_url: str,
+) -> None:
+    # The PostgreSQL test server trusts loopback, so any password in the URL is accepted.
+    with_password = pg_url.replace("postgres@", f"postgres:{DB_SECRET}@", 1)
+    assert DB_SECRET in with_password
+    hook = f"http://127.0.0.1:9/hooks/{HOOK_KEY}?chave={HOOK_QUERY}"
+    secrets = (DB_SECRET, SMTP_SECRET, HOOK_KEY, HOOK_QUERY, hook, PII_TOKEN, PAINEL_TOKEN,
+               BEMSOFT_TOKEN)
+    for e in start_env(tmp_path, sim, db_url=with_password, painel_pii_token=PII_TOKEN,
+                       alert_webhook_url=hook, smtp_host="127.0.0.1",
+                       alert_email_to="ti@lab.com.br", smtp_user="monitor",
+                       smtp_password=SMTP_SECRET):
+        # Free text from the API or the database may repeat any of them.
+        echo = (f"HTTP 422: erro {DB_SECRET} / {SMTP_SECRET} / {HOOK_KEY} / {HOOK_QUERY} / "
+                f"{hook} / {PII_TOKEN} / {with_password}")
+        order_id = dead_order_id(e)
+        store = e.monitor.store
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(store.attempts).where(store.attempts.c.OrderId == order_id)
+                         .values(Detail=echo))
+            conn.execute(sa.update(store.orders).where(store.orders.c.OrderId == order_id)
+                         .values(LastError=echo))
+        anonymous = requests.Session()
+        for viewer in (login(e.url), login(e.url, token=PII_TOKEN), anonymous):
+            for path in ("/", "/pendencias", "/catalogo", "/requisicao/1", "/requisicao/2",
+                         "/login", "/metrics", "/readyz", "/healthz", "/nada"):
+                body = viewer.get(e.url + path).text
+                leaked = [s for s in secrets if s in body]
+                assert leaked == [], (path, leaked)
+        assert "HTTP 422: erro *** / *** / *** / *** / ***" in \
+            login(e.url).get(e.url + "/pendencias").text
 
 
 # --- actions ------------------------------------------------------------------------------------
@@ -466,6 +643,59 @@ def test_refused_item_can_be_sent_again_after_the_cause_is_fixed(env: Env) -> No
     assert state[item_id] == "pending"
 
 
+ZZZ = {"id": "ZZZ", "name": "EXAME ZZZ", "specimen": {"id": "SORO", "name": "Soro"}}
+
+
+def test_marcar_como_resolvido_closes_a_refused_item_for_good(tmp_path: Path,
+                                                              sim: Simulator) -> None:
+    # A TTL of one millisecond: every cycle reads the catalogue again from the simulator.
+    for e in start_env(tmp_path, sim, bemsoft_tests_ttl=0.001):
+        e.lis.requisition(5)
+        resolved = e.lis.item(5, "ZZZ")
+        e.lis.requisition(6)
+        control = e.lis.item(6, "ZZZ")
+        e.drive()
+        h = login(e.url)
+        page = h.get(e.url + "/pendencias").text
+        assert f'id="resolver-item-{resolved}"' in page
+        r = h.post(f"{e.url}/item/{resolved}/resolver", data={}, allow_redirects=False)
+        assert r.status_code == 403  # CSRF like every other action
+        r = h.post(f"{e.url}/item/{resolved}/resolver",
+                   data={"csrf": csrf_of(page), "voltar": "/pendencias"})
+        assert r.status_code == 200
+        assert f"Item {resolved} marcado como resolvido; ele não será enviado." in r.text
+        assert f'id="resolver-item-{resolved}"' not in r.text
+        assert f'id="resolver-item-{control}"' in r.text
+        # Bemsoft adds ZZZ: the other refused item goes out, the resolved one never does.
+        e.sim.set_catalog([*load_catalog_sample(), ZZZ])
+        e.drive()
+        e.drive()
+        assert saved_for(e.sim, 6) == 1
+        assert saved_for(e.sim, 5) == 0
+        e.monitor.retry_refused()  # `retry --refused` leaves it alone too
+        e.drive()
+        assert saved_for(e.sim, 5) == 0
+        detail = h.get(e.url + "/requisicao/5").text
+        assert '<span class="estado resolved">resolvido</span>' in detail
+        assert "marcado como resolvido no painel por token em 01/07/2026" in detail
+        again = h.post(f"{e.url}/item/{resolved}/resolver", data={"csrf": csrf_of(page)})
+        assert again.status_code == 200 and "não está recusado; nada foi feito" in again.text
+
+
+def test_catalog_page_groups_one_problem_across_requisitions(env: Env) -> None:
+    env.lis.patient(2, nome="JOSE SANTOS", sexo=None)  # no DEFAULT_GENDER: refused
+    for req in (5, 6, 7):
+        env.lis.requisition(req, patient=2)
+        env.lis.item(req, "FE")
+    env.drive()
+    html = login(env.url).get(env.url + "/catalogo").text
+    assert html.count("sexo do paciente ausente") == 1
+    assert "solicitação 5" not in html and "solicitação 6" not in html
+    row = next(r for r in html.split("<tr>") if "sexo do paciente ausente" in r)
+    assert re.findall(r'<td class="num">(\d+)</td>', row) == ["3", "3"]  # items, requisitions
+    assert all(f'href="/requisicao/{req}"' in row for req in (5, 6, 7))
+
+
 def test_actions_never_redirect_off_site(env: Env) -> None:
     order_id = dead_order_id(env)
     h = login(env.url)
@@ -484,6 +714,21 @@ def test_loopback_detection_and_address_parsing() -> None:
     assert not is_loopback("192.168.0.10") and not is_loopback("painel.lab.local")
     assert parse_addr("127.0.0.1:8765") == ("127.0.0.1", 8765)
     assert parse_addr("[::1]:9000") == ("::1", 9000)
+
+
+def test_a_port_alone_means_this_computer_only(tmp_path: Path) -> None:
+    assert parse_addr("8765") == ("127.0.0.1", 8765)
+    assert parse_addr(":8765") == ("127.0.0.1", 8765)
+    for addr in ("8765", ":8765", " 8765 "):
+        s = Settings(_env_file=None, db_url="sqlite://", terceiros="A",  # type: ignore[call-arg]
+                     bemsoft_dry_run=True, http_addr=addr)
+        assert s.http_addr == "127.0.0.1:8765"
+    for bad in ("localhost:", "abc", "host:70000", "0"):
+        with pytest.raises(ConfigError, match="HTTP_ADDR"):
+            Settings(_env_file=None, db_url="sqlite://", terceiros="A",  # type: ignore[call-arg]
+                     bemsoft_dry_run=True, http_addr=bad)
+        with pytest.raises(HttpBindError, match="use host:porta ou só a porta"):
+            parse_addr(bad)
 
 
 def test_a_non_loopback_address_is_warned_about_and_loopback_is_not() -> None:
@@ -545,7 +790,8 @@ def test_cli_run_serves_health_and_painel_and_stops_cleanly(tmp_path: Path,
     lis.dispose()
     port = _free_port()
     write_env(tmp_path, sim, PAINEL_TOKEN=PAINEL_TOKEN)
-    proc = subprocess.Popen(cli("run", "--http", f"127.0.0.1:{port}"), cwd=tmp_path,
+    # Only the port: the painel listens on 127.0.0.1.
+    proc = subprocess.Popen(cli("run", "--http", str(port)), cwd=tmp_path,
                             env=env_for(tmp_path), stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -1,8 +1,10 @@
 """Alerts by webhook and e-mail: token rejected, dead letters, no poll, an order waiting too long.
 
 The decision of what to send is :func:`evaluate`, a pure function of the previous state, a
-snapshot of the monitor and the time; the channels only deliver. Each kind is rate-limited
-(``ALERT_REPEAT_MINUTES``) and a recovery message follows an alert whose condition cleared.
+snapshot of the monitor and the time; the channels only deliver. What an alert announced is
+recorded by :func:`commit` only once a channel delivered it, so an alert that no channel
+took is produced again at the next check. Each kind is rate-limited (``ALERT_REPEAT_MINUTES``)
+and a recovery message follows an alert whose condition cleared.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "Snapshot",
     "WebhookChannel",
     "build_alerter",
+    "commit",
     "evaluate",
     "monitor_snapshot",
 ]
@@ -92,6 +95,8 @@ class Alert:
     title: str
     message: str
     at: dt.datetime
+    # The dead letters (order id, attempts) a dead-letter alert announces.
+    dead: frozenset[tuple[int, int]] = frozenset()
 
     def as_json(self) -> dict[str, Any]:
         """Body of the webhook POST (``text`` also suits Slack/Teams/Google Chat hooks)."""
@@ -108,7 +113,10 @@ class Alert:
 
 @dataclass
 class KindState:
-    """Per kind: is an episode open, was it announced, when was the last message."""
+    """Per kind: is the condition on, was this episode announced, when was the last message.
+
+    ``notified`` and ``last_sent`` change only through :func:`commit` (a delivered alert).
+    """
 
     active: bool = False
     notified: bool = False
@@ -121,6 +129,7 @@ class AlertState:
 
     started_at: dt.datetime
     kinds: dict[str, KindState] = field(default_factory=lambda: {k: KindState() for k in KINDS})
+    # Dead letters already announced by a delivered alert.
     seen_dead: set[tuple[int, int]] = field(default_factory=set)
 
 
@@ -148,35 +157,44 @@ def _level(
     ks: KindState, *, active: bool, now: dt.datetime, rules: Rules,
     alert: Callable[[bool], Alert], recovery: Callable[[], Alert],
 ) -> list[Alert]:
-    """A condition that is on or off: alert (rate-limited, repeated while on), then recovery."""
-    out: list[Alert] = []
+    """A condition that is on or off: alert (rate-limited, repeated while on), then recovery.
+
+    Until a channel delivers it, the same alert (or recovery) is due again at every check.
+    """
+    ks.active = active
     if active:
-        repeat = ks.active and ks.notified
-        ks.active = True
-        if _may_send(ks, now, rules):
-            out.append(alert(repeat))
-            ks.notified = True
-            ks.last_sent = now
-    elif ks.active:
-        if ks.notified:
-            out.append(recovery())
-        ks.active = False
+        return [alert(ks.notified)] if _may_send(ks, now, rules) else []
+    return [recovery()] if ks.notified else []
+
+
+def commit(state: AlertState, alert: Alert) -> None:
+    """Record in ``state`` that ``alert`` reached someone (called after a successful delivery)."""
+    ks = state.kinds[alert.kind]
+    if alert.recovered:
         ks.notified = False
-    return out
+        return
+    ks.notified = True
+    ks.last_sent = alert.at
+    state.seen_dead |= alert.dead
 
 
 def evaluate(state: AlertState, snap: Snapshot, *, now: dt.datetime, rules: Rules) -> list[Alert]:
-    """The alerts and recoveries due now; ``state`` is updated as if they were sent."""
+    """The alerts and recoveries due now.
+
+    ``state`` only follows the conditions here; what was announced is recorded by
+    :func:`commit` once an alert is delivered.
+    """
     now = _aware(now) or now
     out: list[Alert] = []
     if not snap.sending:
         state.started_at = now  # the no-poll clock starts when this monitor takes over
         return out
 
-    def make(kind: str, title: str, message: str, *, recovered: bool = False) -> Alert:
+    def make(kind: str, title: str, message: str, *, recovered: bool = False,
+             dead: frozenset[tuple[int, int]] = frozenset()) -> Alert:
         word = "Resolvido" if recovered else "ALERTA"
         return Alert(kind, recovered, f"{PREFIX} {word}: {title}", message,
-                     now.astimezone(rules.tz))
+                     now.astimezone(rules.tz), dead)
 
     # Token rejected: sending is paused until the token works again.
     reason = snap.auth_paused
@@ -230,29 +248,27 @@ def _dead_letters(
     state: AlertState, dead: dict[tuple[int, int], int], *, now: dt.datetime, rules: Rules,
     make: Callable[..., Alert],
 ) -> list[Alert]:
-    """Event-like: new dead letters (rate-limited, grouped); recovery when none is left."""
+    """Event-like: new dead letters (rate-limited, grouped); recovery when none is left.
+
+    A dead letter counts as announced only once an alert naming it was delivered.
+    """
     ks = state.kinds[KIND_DEAD_LETTER]
+    ks.active = bool(dead)
     state.seen_dead &= set(dead)
     new = sorted(set(dead) - state.seen_dead)
-    out: list[Alert] = []
     if new and _may_send(ks, now, rules):
         reqs = sorted({dead[k] for k in new})
         shown = ", ".join(str(r) for r in reqs[:20]) + (" …" if len(reqs) > 20 else "")
-        out.append(make(
+        return [make(
             KIND_DEAD_LETTER, f"{len(new)} pedido(s) não enviado(s) (FAILED_DIR)",
             f"{len(new)} pedido(s) foram recusados ou esgotaram as tentativas e estão em "
             f"FAILED_DIR (solicitações: {shown}); total aguardando ação: {len(dead)}. Corrija "
-            "a causa e use Reenviar no painel ou o comando retry."))
-        state.seen_dead |= set(new)
-        ks.active = ks.notified = True
-        ks.last_sent = now
-    elif not dead and ks.active:
-        if ks.notified:
-            out.append(make(KIND_DEAD_LETTER, "nenhum pedido em FAILED_DIR aguardando ação",
-                            "Todos os pedidos não enviados foram reenviados ou marcados como "
-                            "resolvidos.", recovered=True))
-        ks.active = ks.notified = False
-    return out
+            "a causa e use Reenviar no painel ou o comando retry.", dead=frozenset(new))]
+    if not dead and ks.notified:
+        return [make(KIND_DEAD_LETTER, "nenhum pedido em FAILED_DIR aguardando ação",
+                     "Todos os pedidos não enviados foram reenviados ou marcados como "
+                     "resolvidos.", recovered=True)]
+    return []
 
 
 # --- snapshot of a running monitor ---------------------------------------------------
@@ -368,12 +384,16 @@ class Alerter:
         self.check_s = check_s
         self.secrets = secrets
         self.state = AlertState(started_at=_aware(now()) or now())
-        self.sent: list[Alert] = []
+        self.sent: list[Alert] = []  # delivered by at least one channel
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     def check(self) -> list[Alert]:
-        """Evaluate once and deliver what is due; return the alerts produced."""
+        """Evaluate once and deliver what is due; return the alerts produced.
+
+        An alert is recorded as sent only when a channel took it; otherwise the next check
+        produces it again.
+        """
         try:
             snap = self.snapshot()
         except Exception as exc:
@@ -381,20 +401,32 @@ class Alerter:
             return []
         alerts = evaluate(self.state, snap, now=self.now(), rules=self.rules)
         for alert in alerts:
-            self.deliver(alert)
+            if self.deliver(alert):
+                commit(self.state, alert)
         return alerts
 
-    def deliver(self, alert: Alert) -> None:
-        """Send one alert through every channel; a failing channel is logged, not raised."""
+    def deliver(self, alert: Alert) -> bool:
+        """Send one alert through every channel; True when at least one channel took it.
+
+        A failing channel is logged, not raised. Without channels the log line is the alert.
+        """
         level = logging.INFO if alert.recovered else logging.WARNING
         log.log(level, "alerta %s: %s", alert.kind, alert.title)
+        delivered = not self.channels
         for channel in self.channels:
             try:
                 channel.send(alert)
             except Exception as exc:
                 log.error("alerta não entregue por %s: %s", channel.name,
                           redact_secrets(str(exc) or type(exc).__name__, self.secrets)[:300])
-        self.sent.append(alert)
+            else:
+                delivered = True
+        if delivered:
+            self.sent.append(alert)
+        else:
+            log.warning("alerta %s não entregue por nenhum canal; nova tentativa na próxima "
+                        "verificação (em %.0f s)", alert.kind, self.check_s)
+        return delivered
 
     def start(self) -> None:
         """Check in a daemon thread until :meth:`stop`."""

@@ -34,7 +34,8 @@ from .errors import ConfigError
 from .redact import redact_secrets, redact_url
 
 SECRET_FIELDS = frozenset({"db_pass", "bemsoft_token", "painel_token", "painel_password",
-                           "smtp_password", "alert_webhook_url", "bemsoft_proxy"})
+                           "painel_pii_token", "smtp_password", "alert_webhook_url",
+                           "bemsoft_proxy"})
 URL_FIELDS = frozenset({"db_url", "state_db_url"})
 # Free-form ODBC attributes may carry a PWD=...; shown only after redaction.
 ODBC_FIELDS = frozenset({"db_odbc_extra"})
@@ -268,7 +269,9 @@ class Settings(BaseSettings):
     log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="bytes")
     log_backup_count: int = Field(5, ge=0, le=1000, description="0 a 1000")
     log_pii: bool = Field(False, description="1 ou 0 (sim/não)")
-    http_addr: str | None = Field(None, description="host:porta, ex.: 127.0.0.1:8765")
+    http_addr: str | None = Field(
+        None, description="host:porta ou só a porta, ex.: 127.0.0.1:8765 ou 8765"
+    )
 
     # --- painel ---------------------------------------------------------------------
     painel_token: SecretStr | None = Field(
@@ -279,6 +282,10 @@ class Settings(BaseSettings):
         None, description="senha de no mínimo 12 caracteres"
     )
     painel_pii: bool = Field(False, description="1 ou 0 (sim/não)")
+    # A second credential: only sessions opened with it see patient data unmasked.
+    painel_pii_token: SecretStr | None = Field(
+        None, description="texto secreto de no mínimo 12 caracteres, diferente de PAINEL_TOKEN"
+    )
 
     # --- alerts ---------------------------------------------------------------------
     alert_webhook_url: str | None = Field(None, description="URL http(s)://...")
@@ -476,12 +483,14 @@ class Settings(BaseSettings):
     def _http_addr(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        host, sep, port = value.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError("use host:porta")
-        return value.strip()
+        value = value.strip()
+        host, _sep, port = value.rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("use host:porta ou só a porta (1 a 65535), ex.: 127.0.0.1:8765")
+        # Only the port ("8765" or ":8765"): this computer alone, as the default promises.
+        return value if host else f"127.0.0.1:{int(port)}"
 
-    @field_validator("painel_token", "painel_password")
+    @field_validator("painel_token", "painel_password", "painel_pii_token")
     @classmethod
     def _painel_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -585,7 +594,8 @@ class Settings(BaseSettings):
     def secrets(self) -> tuple[str, ...]:
         """Secret values to strip from any text shown to people (see redact_secrets)."""
         extra = tuple(v.get_secret_value() for v in (self.painel_token, self.painel_password,
-                                                     self.smtp_password) if v is not None)
+                                                     self.painel_pii_token, self.smtp_password)
+                      if v is not None)
         return tuple(s for s in (self.token, self.db_password, *extra,
                                  self.alert_webhook_url or "", self.bemsoft_proxy or "") if s)
 
@@ -727,6 +737,10 @@ def config_warnings(settings: Settings) -> list[str]:
         out.append("DB_SERVER/DB_NAME/DB_USER/DB_PASS: ignorados porque DB_URL está preenchido")
     if settings.verify is False:
         out.append("BEMSOFT_VERIFY=0: certificado TLS da Bemsoft não é verificado")
+    if settings.painel_pii and settings.painel_pii_token:
+        out.append("PAINEL_PII=1: todo o painel mostra dados de pacientes sem máscara, e "
+                   "PAINEL_PII_TOKEN não faz diferença; use PAINEL_PII=0 para mostrá-los só "
+                   "a quem entra com PAINEL_PII_TOKEN")
     if not isinstance(settings, _ValuesOnlySettings):  # those read no .env at all
         out.extend(unknown_env_keys())
     return out
@@ -806,6 +820,10 @@ def cross_field_problems(data: Mapping[str, Any]) -> list[str]:
                         "preenchido (ou apague PAINEL_USER e use PAINEL_TOKEN)")
     if text("painel_password") and not text("painel_user"):
         problems.append("PAINEL_USER: ausente; PAINEL_PASSWORD foi informada sem o usuário")
+    pii_token = text("painel_pii_token")
+    if pii_token and pii_token in (text("painel_token"), text("painel_password")):
+        problems.append("PAINEL_PII_TOKEN: igual a PAINEL_TOKEN ou PAINEL_PASSWORD; use um "
+                        "valor diferente, só para quem pode ver dados de pacientes")
     if text("smtp_host") and not text("alert_email_to"):
         problems.append("ALERT_EMAIL_TO: ausente; informe quem recebe os alertas por e-mail "
                         "(ou apague SMTP_HOST)")

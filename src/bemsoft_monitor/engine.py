@@ -30,6 +30,7 @@ from .errors import MonitorError
 from .metrics import Metrics
 from .models import LisItem
 from .procutil import hostname, pid_alive
+from .scan import plan_scan
 from .source import LisSource
 from .store import (
     ITEM_CANCELLED,
@@ -374,6 +375,13 @@ class Monitor:
 
     # --- ingest -----------------------------------------------------------------------------------------
     def _ingest(self, stats: CycleStats) -> None:
+        """Read new items (and late commits inside open gaps) window by window.
+
+        Per window: which ids are visible (one index-only query), then the items inside
+        what that answer covered, then items + checkpoint + gaps in ONE state transaction
+        (see :mod:`.scan` for why this order never skips a late commit).
+        """
+        window = self.s.batch_size
         for _ in range(MAX_BATCHES_PER_CYCLE):
             now = self.clock.now()
             if self._checkpoint is None:
@@ -383,27 +391,27 @@ class Monitor:
             gaps = (self.store.open_gaps(now=now, grace_s=self.s.out_of_order_grace_seconds)
                     if self._maybe_gaps else [])
             with self.lis.connect() as conn:  # read-only, closed before any HTTP call
-                items = self.source.fetch_new_items(
-                    conn, after_id=checkpoint, limit=self.s.batch_size, gaps=gaps)
-                above = [i.item_id for i in items if i.item_id > checkpoint]
-                new_max = max(above) if above else None
-                new_gaps = (self.source.find_gaps(conn, after_id=checkpoint, up_to_id=new_max)
-                            if new_max is not None and self.s.out_of_order_grace_seconds > 0
-                            else [])
+                ids = self.source.visible_ids(conn, after_id=checkpoint,
+                                              gaps=[(g.lo, g.hi) for g in gaps], limit=window)
+                plan = plan_scan(checkpoint=checkpoint, gaps=gaps, ids=ids, window=window,
+                                 now=now, keep_holes=self.s.out_of_order_grace_seconds > 0)
+                items = self.source.fetch_items(conn, plan.fetch)
                 conn.rollback()
-            self._maybe_gaps = bool(gaps) or bool(new_gaps)
-            if items or new_gaps:
-                result = self.store.record_items(items, checkpoint=new_max, new_gaps=new_gaps,
-                                                 now=now, debounce_s=self.s.debounce_seconds)
-                if new_max is not None:
-                    self._checkpoint = max(checkpoint, new_max)
+            self._maybe_gaps = bool(plan.gaps)
+            if items or plan.checkpoint is not None or plan.gaps_changed:
+                result = self.store.record_items(
+                    items, checkpoint=plan.checkpoint,
+                    gaps=plan.gaps if plan.gaps_changed else None,
+                    now=now, debounce_s=self.s.debounce_seconds)
+                if plan.checkpoint is not None:
+                    self._checkpoint = max(checkpoint, plan.checkpoint)
                 stats.read += len(items)
                 stats.new += result.new_items
                 self.metrics.items_read.inc(result.new_items)
                 if result.new_items:
                     log.info("%d item(ns) novo(s) lido(s); checkpoint=%s", result.new_items,
                              self._checkpoint)
-            if len(above) < self.s.batch_size:
+            if len(ids) < window:
                 break
         self.last_successful_poll = self.clock.now()
         self.metrics.last_successful_poll.set(self.last_successful_poll.timestamp())

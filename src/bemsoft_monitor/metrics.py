@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .bemsoft import Kind
+
 
 class Metrics:
     """The monitor's metrics in their own registry (tests create as many as they like)."""
@@ -19,6 +21,10 @@ class Metrics:
                                   registry=r)
         self.orders = Counter("bemsoft_orders", "Respostas a POST /requests por resultado",
                               ["outcome"], registry=r)
+        # Every outcome is a series from the start: a rate() or an alert on, say,
+        # outcome="auth" must see 0, not "no data", before the first such answer.
+        for kind in Kind:
+            self.orders.labels(kind.value)
         self.retries = Counter("bemsoft_retries", "Pedidos reagendados para nova tentativa",
                                registry=r)
         self.dead_letters = Counter("bemsoft_dead_letters",

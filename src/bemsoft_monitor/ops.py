@@ -697,8 +697,9 @@ class Check:
 def needed_lis_columns(source: LisSource) -> dict[str, list[str]]:
     """Every LIS column the monitor's queries use, per table, in table order."""
     used: set[tuple[str, str]] = set()
-    for query in (source.new_items_query(after_id=0, limit=1), source.gaps_query(
-            after_id=0, up_to_id=1)):
+    for query in (source.new_items_query(ranges=[(1, 1)]),
+                  source.visible_ids_query(after_id=0, limit=1),
+                  source.requisitions_query([1])):
         for element in visitors.iterate(query):
             if isinstance(element, sa.Column) and isinstance(element.table, sa.Table):
                 used.add((element.table.name, element.name))

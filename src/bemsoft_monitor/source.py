@@ -151,21 +151,39 @@ class LisSource:
         col = lab_key(self.t.item.c.NomeTerceirizado)
         return col.in_(sa.bindparam("labs", self._lab_params, expanding=True))
 
-    def new_items_query(
-        self, *, after_id: int, limit: int, gaps: Sequence[tuple[int, int]] = ()
-    ) -> sa.Select[tuple[object, ...]]:
-        """Items above the checkpoint (and inside open gap ranges), oldest first."""
+    def visible_ids_query(
+        self, *, after_id: int, gaps: Sequence[tuple[int, int]] = (), limit: int
+    ) -> sa.Select[tuple[int]]:
+        """Ids visible now above the checkpoint and inside open gaps, ascending, every lab.
+
+        Read from the CodItemSol index only; the lower bound lets the index seek straight
+        to the oldest open gap instead of walking the table.
+        """
         i = self.t.item
-        where: sa.ColumnElement[bool] = i.c.CodItemSol > after_id
-        for lo, hi in gaps:
-            where = sa.or_(where, i.c.CodItemSol.between(lo, hi))
-        return (
+        col = i.c.CodItemSol
+        where: sa.ColumnElement[bool] = col > after_id
+        if gaps:
+            where = sa.and_(col >= min(lo for lo, _hi in gaps),
+                            sa.or_(where, *(col.between(lo, hi) for lo, hi in gaps)))
+        return sa.select(col).where(where).order_by(col).limit(limit)
+
+    def new_items_query(
+        self, *, ranges: Sequence[tuple[int, int]], limit: int | None = None
+    ) -> sa.Select[tuple[object, ...]]:
+        """Items of the configured labs with ids inside ``ranges`` (inclusive), oldest first."""
+        i = self.t.item
+        col = i.c.CodItemSol
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        where: sa.ColumnElement[bool] = col.between(lo, hi)
+        if len(ranges) > 1:
+            where = sa.and_(where, sa.or_(*(col.between(a, b) for a, b in ranges)))
+        query = (
             sa.select(*self._columns())
             .select_from(self._joined())
             .where(where, self._lab_filter())
-            .order_by(i.c.CodItemSol)
-            .limit(limit)
+            .order_by(col)
         )
+        return query if limit is None else query.limit(limit)
 
     def requisition_query(self, requisition_id: int) -> sa.Select[tuple[object, ...]]:
         """Every current item of one requisition for the configured support labs."""
@@ -189,37 +207,25 @@ class LisSource:
             .order_by(i.c.CodItemSol)
         )
 
-    def gaps_query(self, *, after_id: int, up_to_id: int) -> sa.Select[tuple[object, ...]]:
-        """Ids in (after_id, up_to_id] that are followed by a hole, plus the first id.
-
-        One index-only pass with LEAD(): holes are ids not visible yet (uncommitted
-        transactions, rollbacks, deletions, IDENTITY jumps).
-        """
-        i = self.t.item
-        inner = (
-            sa.select(
-                i.c.CodItemSol.label("id"),
-                sa.func.lead(i.c.CodItemSol).over(order_by=i.c.CodItemSol).label("next_id"),
-                sa.func.row_number().over(order_by=i.c.CodItemSol).label("rn"),
-            )
-            .where(i.c.CodItemSol > after_id, i.c.CodItemSol <= up_to_id)
-            .subquery("ids")
-        )
-        return sa.select(inner.c.id, inner.c.next_id, inner.c.rn).where(
-            sa.or_(inner.c.rn == 1, inner.c.next_id - inner.c.id > 1)
-        )
-
     def max_id_query(self) -> sa.Select[tuple[object]]:
         """Highest CodItemSol in the LIS (for INITIAL_ITEM_ID=max)."""
         return sa.select(sa.func.max(self.t.item.c.CodItemSol))
 
     # --- execution ---------------------------------------------------------------------
-    def fetch_new_items(
-        self, conn: Connection, *, after_id: int, limit: int,
-        gaps: Sequence[tuple[int, int]] = (),
-    ) -> list[LisItem]:
+    def visible_ids(
+        self, conn: Connection, *, after_id: int, gaps: Sequence[tuple[int, int]] = (),
+        limit: int,
+    ) -> list[int]:
+        """Run :meth:`visible_ids_query`."""
+        query = self.visible_ids_query(after_id=after_id, gaps=gaps, limit=limit)
+        return [int(x) for x in conn.execute(query).scalars()]
+
+    def fetch_items(self, conn: Connection, ranges: Sequence[tuple[int, int]], *,
+                    limit: int | None = None) -> list[LisItem]:
         """Run :meth:`new_items_query` and keep only the configured labs (Python check too)."""
-        rows = conn.execute(self.new_items_query(after_id=after_id, limit=limit, gaps=gaps))
+        if not ranges:
+            return []
+        rows = conn.execute(self.new_items_query(ranges=ranges, limit=limit))
         return [item for item in map(_to_item, rows) if self._wants(item)]
 
     def fetch_requisition(self, conn: Connection, requisition_id: int) -> list[LisItem]:
@@ -240,22 +246,6 @@ class LisSource:
                 if self._wants(item):
                     out.setdefault(item.requisition_id, []).append(item)
         return out
-
-    def find_gaps(self, conn: Connection, *, after_id: int, up_to_id: int) -> list[tuple[int, int]]:
-        """Id ranges in (after_id, up_to_id] not visible now."""
-        if up_to_id <= after_id:
-            return []
-        rows = conn.execute(self.gaps_query(after_id=after_id, up_to_id=up_to_id)).all()
-        gaps: list[tuple[int, int]] = []
-        for row in rows:
-            first, nxt, rn = int(row.id), row.next_id, int(row.rn)
-            if rn == 1 and first > after_id + 1:
-                gaps.append((after_id + 1, first - 1))
-            if nxt is not None and int(nxt) - first > 1:
-                gaps.append((first + 1, int(nxt) - 1))
-        if not rows and up_to_id > after_id:
-            gaps.append((after_id + 1, up_to_id))
-        return sorted(set(gaps))
 
     def max_item_id(self, conn: Connection) -> int:
         """Highest CodItemSol, 0 for an empty table."""

@@ -19,6 +19,7 @@ from sqlalchemy.dialects import mssql
 from sqlalchemy.engine import Connection, Engine
 
 from .models import LisItem, OrderDraft, Refusal
+from .scan import Gap
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ ITEM_REFUSED = "refused"  # transform could not build it (mapping, catalogue, pa
 ITEM_CANCELLED = "cancelled"  # gone from the LIS (or moved to another lab) before sending
 ITEM_DEAD = "dead"  # its order went to FAILED_DIR
 ITEM_CONFERIR = "conferir"  # its order needs a person to confirm
+ITEM_RESOLVED = "resolved"  # refused, then marked resolved by a person (never sent)
 
 # Outbox order states.
 ORDER_PENDING = "pending"
@@ -438,15 +440,16 @@ class StateStore:
         conn.execute(sa.update(self.state).where(self.state.c.Name == CHECKPOINT_NAME).values(
             LastItemId=value, UpdatedAt=utc_naive(now)))
 
-    def open_gaps(self, *, now: dt.datetime, grace_s: float) -> list[tuple[int, int]]:
+    def open_gaps(self, *, now: dt.datetime, grace_s: float) -> list[Gap]:
         """Id ranges still inside the out-of-order grace window; older ones are dropped."""
         limit = utc_naive(now) - dt.timedelta(seconds=grace_s)
         with self.engine.begin() as conn:
             expired = conn.execute(sa.delete(self.gaps).where(self.gaps.c.FirstSeenAt < limit))
             if expired.rowcount:
                 log.debug("lacunas de CodItemSol expiradas: %s", expired.rowcount)
-            rows = conn.execute(sa.select(self.gaps.c.Lo, self.gaps.c.Hi).order_by(self.gaps.c.Lo))
-            return [(int(r.Lo), int(r.Hi)) for r in rows]
+            rows = conn.execute(sa.select(self.gaps.c.Lo, self.gaps.c.Hi, self.gaps.c.FirstSeenAt)
+                                .order_by(self.gaps.c.Lo))
+            return [Gap(int(r.Lo), int(r.Hi), r.FirstSeenAt) for r in rows]
 
     # --- ingest --------------------------------------------------------------------------
     def record_items(
@@ -454,11 +457,14 @@ class StateStore:
         items: Sequence[LisItem],
         *,
         checkpoint: int | None,
-        new_gaps: Sequence[tuple[int, int]],
+        gaps: Sequence[Gap] | None,
         now: dt.datetime,
         debounce_s: float,
     ) -> IngestResult:
-        """Record the items read with their fate, new gaps and the checkpoint: ONE transaction."""
+        """Record the items read, the checkpoint and the open gaps: ONE transaction.
+
+        ``gaps`` replaces the whole set of open gaps (None leaves it as it is).
+        """
         ts = utc_naive(now)
         due = ts + dt.timedelta(seconds=debounce_s)
         with self.engine.begin() as conn:
@@ -474,10 +480,12 @@ class StateStore:
                 self._touch_requisitions(conn, sorted({i.requisition_id for i in fresh}),
                                          ts, due)
                 self.work_version += 1
-            for lo, hi in new_gaps:
-                exists = conn.execute(sa.select(self.gaps.c.Lo).where(self.gaps.c.Lo == lo)).first()
-                if exists is None:
-                    conn.execute(sa.insert(self.gaps).values(Lo=lo, Hi=hi, FirstSeenAt=ts))
+            if gaps is not None:
+                conn.execute(sa.delete(self.gaps))
+                if gaps:
+                    conn.execute(sa.insert(self.gaps), [
+                        {"Lo": g.lo, "Hi": g.hi, "FirstSeenAt": utc_naive(g.first_seen)}
+                        for g in gaps])
             if checkpoint is not None:
                 current = self.checkpoint(conn) or 0
                 if checkpoint > current:
@@ -722,6 +730,17 @@ class StateStore:
                              .values(DueAt=ts, UpdatedAt=ts))
         self.work_version += 1
         return len(rows)
+
+    def resolve_refused(self, item_ids: Sequence[int], *, now: dt.datetime, note: str) -> int:
+        """Refused items a person dealt with outside the monitor: never sent; return how many."""
+        ts = utc_naive(now)
+        i = self.items
+        with self.engine.begin() as conn:
+            ids = [int(x) for x in conn.execute(sa.select(i.c.ItemId).where(
+                i.c.ItemId.in_(list(item_ids)), i.c.State == ITEM_REFUSED)).scalars()]
+            if ids:
+                self._set_items(conn, ids, ITEM_RESOLVED, ts, reason=note)
+        return len(ids)
 
     # --- outbox ----------------------------------------------------------------------------
     def recover_inflight(self, *, now: dt.datetime, holder: str | None = None) -> int:

@@ -1,9 +1,11 @@
 """The HTTP endpoint: /healthz, /readyz, /metrics and the painel, on a stdlib threading server.
 
 Security: the painel needs ``PAINEL_TOKEN`` (or ``PAINEL_USER``/``PAINEL_PASSWORD``);
-without them only the health and metrics endpoints answer. A login gives an HttpOnly,
+without them only the health and metrics endpoints answer. ``PAINEL_PII_TOKEN`` is a second
+credential whose sessions see patient data unmasked. A login gives an HttpOnly,
 SameSite=Strict session cookie; every POST carries the session's CSRF token; secrets are
-compared in constant time and never rendered.
+compared in constant time and never rendered. Wrong logins are slowed down per address, but
+the right credential always gets in (behind a reverse proxy every browser shares one address).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import SimpleCookie
@@ -43,6 +46,10 @@ SESSION_TTL_S = 8 * 3600
 MAX_FORM_BYTES = 64 * 1024
 LOGIN_FAILURES_MAX = 10
 LOGIN_FAILURE_WINDOW_S = 300.0
+# Past LOGIN_FAILURES_MAX, an address's logins are checked one at a time after this pause:
+# at most one guess per pause, however many connections a guesser opens.
+LOGIN_THROTTLE_DELAY_S = 1.0
+PII_TOKEN_USER = "token-pii"  # noqa: S105 - the name shown for PAINEL_PII_TOKEN sessions
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
@@ -59,9 +66,15 @@ class HttpBindError(Exception):
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` (``[::1]:port`` for IPv6) → (host, port)."""
+    """``host:port`` (``[::1]:port`` for IPv6), ``:port`` or ``port`` → (host, port).
+
+    Without a host the painel stays on this computer (127.0.0.1).
+    """
     host, _, port = addr.strip().rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise HttpBindError(f"endereço {addr.strip()!r} inválido; use host:porta ou só a porta "
+                            "(1 a 65535), ex.: 127.0.0.1:8765 ou 8765")
     return host, int(port)
 
 
@@ -91,38 +104,81 @@ class Session:
     csrf: str
     expires: float
     flash: list[tuple[str, str]] = field(default_factory=list)
+    # Opened with PAINEL_PII_TOKEN: this session sees patient data unmasked.
+    pii: bool = False
+
+
+@dataclass(frozen=True)
+class Credential:
+    """Who logged in, and whether that credential grants patient data."""
+
+    user: str
+    pii: bool = False
 
 
 class Auth:
     """Credentials, sessions and login throttling (in memory: a restart logs everyone out)."""
 
-    def __init__(self, *, token: str | None, user: str | None, password: str | None) -> None:
+    def __init__(self, *, token: str | None, user: str | None, password: str | None,
+                 pii_token: str | None = None,
+                 throttle_delay_s: float = LOGIN_THROTTLE_DELAY_S) -> None:
         self.token = token
         self.user = user
         self.password = password
+        self.pii_token = pii_token
+        self.throttle_delay_s = throttle_delay_s
         self.sessions: dict[str, Session] = {}
         self.failures: dict[str, list[float]] = {}
         self.lock = threading.Lock()
+        self._slow_lane = threading.Lock()
 
     @property
     def enabled(self) -> bool:
-        return bool(self.token or (self.user and self.password))
+        return bool(self.token or self.pii_token or (self.user and self.password))
 
-    def check(self, form: dict[str, str]) -> str | None:
-        """The user name when the form's credentials are right, else None."""
-        ok = False
-        who = ""
+    @property
+    def uses_token(self) -> bool:
+        """The login form asks for a token (PAINEL_TOKEN or PAINEL_PII_TOKEN)."""
+        return bool(self.token or self.pii_token)
+
+    def check(self, form: dict[str, str]) -> Credential | None:
+        """Who the form's credentials name when they are right, else None."""
         given_token = form.get("token", "")
-        if self.token and given_token:
-            ok = hmac.compare_digest(given_token.encode(), self.token.encode())
-            who = "token"
-        elif self.user and self.password:
+        if self.uses_token and given_token:
+            given = given_token.encode()
+            # Both compared every time so that timing tells nothing about which one matched.
+            plain = hmac.compare_digest(given, (self.token or "").encode()) and bool(self.token)
+            pii = (hmac.compare_digest(given, (self.pii_token or "").encode())
+                   and bool(self.pii_token))
+            if pii:
+                return Credential(PII_TOKEN_USER, pii=True)
+            return Credential("token") if plain else None
+        if self.user and self.password:
             u, p = form.get("usuario", ""), form.get("senha", "")
-            # Both compared every time so that timing tells nothing about which one failed.
             ok_u = hmac.compare_digest(u.encode(), self.user.encode())
             ok_p = hmac.compare_digest(p.encode(), self.password.encode())
-            ok, who = ok_u and ok_p, self.user
-        return who if ok else None
+            return Credential(self.user) if ok_u and ok_p else None
+        return None
+
+    def login(self, form: dict[str, str], client: str) -> tuple[Credential | None, bool]:
+        """Check a login form: (the credential or None, whether ``client`` is over the limit).
+
+        The right credential always gets in; past the limit, the address's attempts wait
+        their turn and a pause, so wrong guesses stay slow without locking anyone out.
+        """
+        over = self.throttled(client)
+        if over:
+            with self._slow_lane:
+                time.sleep(self.throttle_delay_s)
+                credential = self.check(form)
+        else:
+            credential = self.check(form)
+        if credential is None:
+            self.failed(client)
+        else:
+            with self.lock:
+                self.failures.pop(client, None)
+        return credential, over
 
     def throttled(self, client: str) -> bool:
         now = time.monotonic()
@@ -135,10 +191,10 @@ class Auth:
         with self.lock:
             self.failures.setdefault(client, []).append(time.monotonic())
 
-    def open(self, user: str) -> tuple[str, Session]:
+    def open(self, user: str, *, pii: bool = False) -> tuple[str, Session]:
         sid = secrets.token_urlsafe(32)
         session = Session(user=user, csrf=secrets.token_urlsafe(32),
-                          expires=time.monotonic() + SESSION_TTL_S)
+                          expires=time.monotonic() + SESSION_TTL_S, pii=pii)
         with self.lock:
             now = time.monotonic()
             for key in [k for k, s in self.sessions.items() if s.expires < now]:
@@ -180,7 +236,8 @@ class PainelServer:
         self.auth = Auth(
             token=s.painel_token.get_secret_value() if s.painel_token else None,
             user=s.painel_user,
-            password=s.painel_password.get_secret_value() if s.painel_password else None)
+            password=s.painel_password.get_secret_value() if s.painel_password else None,
+            pii_token=s.painel_pii_token.get_secret_value() if s.painel_pii_token else None)
         self.templates = _templates()
         self.css = (WEB_DIR / "static" / "painel.css").read_bytes()
         self.gauges_stale = False
@@ -295,8 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
         flash: list[tuple[str, str]] = []
         if session is not None:
             flash, session.flash = session.flash, []
+        pii = self.painel.for_viewer(pii=session is not None and session.pii).show_pii
         html = self.app.templates.get_template(template).render(
-            sessao=session, flash=flash, pii=self.painel.show_pii,
+            sessao=session, flash=flash, pii=pii,
             agora=self.painel.local(self.painel.now()), **ctx)
         self._send(code, html.encode("utf-8"), "text/html; charset=utf-8", headers)
 
@@ -346,18 +404,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        try:
-            self._get()
-        except Exception:
-            log.exception("painel: erro ao responder %s", urlsplit(self.path).path)
-            self._error(500, "Erro interno", "O painel encontrou um erro; veja o log do monitor.")
+        self._answer(self._get)
 
     def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, handle: Callable[[], None]) -> None:
         try:
-            self._post()
+            handle()
+        except ConnectionError:
+            # The browser went away (closed tab, client that stopped reading): nobody to tell.
+            self.close_connection = True
         except Exception:
             log.exception("painel: erro ao responder %s", urlsplit(self.path).path)
-            self._error(500, "Erro interno", "O painel encontrou um erro; veja o log do monitor.")
+            try:
+                self._error(500, "Erro interno",
+                            "O painel encontrou um erro; veja o log do monitor.")
+            except ConnectionError:
+                self.close_connection = True
 
     def _get(self) -> None:
         url = urlsplit(self.path)
@@ -393,8 +457,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._redirect("/login?proximo=" + quote(target, safe=""))
             return
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        view = self.painel.for_viewer(pii=session.pii)
         if path == "/":
-            self._page(200, "visao_geral.html", session, **self.painel.overview())
+            self._page(200, "visao_geral.html", session, **view.overview())
         elif path == "/busca":
             numero = query.get("numero", "").strip()
             if not numero:
@@ -409,11 +474,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._redirect(f"/requisicao/{int(numero)}")
         elif path.startswith("/requisicao/"):
-            self._requisition(path.removeprefix("/requisicao/"), session)
+            self._requisition(view, path.removeprefix("/requisicao/"), session)
         elif path == "/pendencias":
-            self._page(200, "pendencias.html", session, **self.painel.pending_work())
+            self._page(200, "pendencias.html", session, **view.pending_work())
         elif path == "/catalogo":
-            self._page(200, "catalogo.html", session, **self.painel.catalog_problems())
+            self._page(200, "catalogo.html", session, **view.catalog_problems())
         else:
             self._error(404, "Página não encontrada",
                         f"O endereço {path} não existe no painel.", session)
@@ -439,12 +504,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.app.gauges_stale = False
         self._send(200, generate_latest(monitor.metrics.registry), CONTENT_TYPE_LATEST)
 
-    def _requisition(self, raw: str, session: Session) -> None:
+    def _requisition(self, view: Painel, raw: str, session: Session) -> None:
         if not _DIGITS.match(raw):
             self._error(400, "Número inválido",
                         f"“{raw}” não é um número de solicitação; use só algarismos.", session)
             return
-        data = self.painel.requisition(int(raw))
+        data = view.requisition(int(raw))
         if data is None:
             self._error(404, "Solicitação não encontrada",
                         f"A solicitação {int(raw)} não passou pelo monitor (nenhum item dela "
@@ -465,7 +530,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._page(status, "login.html", None,
                    {"Set-Cookie": self._cookie(LOGIN_COOKIE, nonce, 600)},
                    csrf_login=nonce, erro=erro, proximo=_local_path(proximo),
-                   usa_token=bool(auth.token), usa_usuario=bool(auth.user and auth.password))
+                   usa_token=auth.uses_token, usa_pii=bool(auth.pii_token),
+                   usa_usuario=bool(auth.user and auth.password))
 
     # --- POST --------------------------------------------------------------------------------
     def _post(self) -> None:
@@ -524,9 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif action == "reenviar":
             ok, message = self.painel.requeue_refused(target_id, who=who)
         else:
-            self._error(404, "Ação desconhecida", "Itens recusados só podem ser reenviados.",
-                        session)
-            return
+            ok, message = self.painel.resolve_refused(target_id, who=who)
         session.flash.append(("ok" if ok else "aviso", message))
         self._redirect(_local_path(form.get("voltar", "/pendencias")))
 
@@ -540,18 +604,24 @@ class _Handler(BaseHTTPRequestHandler):
                         "O formulário de entrada expirou ou veio de outro site. Abra /login e "
                         "tente de novo.")
             return
-        if auth.throttled(client):
-            self._login_page(429, "Tentativas demais; aguarde 5 minutos.", proximo)
-            return
-        user = auth.check(form)
-        if user is None:
-            auth.failed(client)
+        credential, over = auth.login(form, client)
+        if credential is None:
             log.warning("painel: tentativa de entrada recusada de %s", client)
-            what = "Token" if auth.token and form.get("token") else "Usuário ou senha"
-            self._login_page(401, f"{what} inválido.", proximo)
+            what = "Token" if auth.uses_token and form.get("token") else "Usuário ou senha"
+            if over:
+                self._login_page(429, f"{what} inválido. Tentativas erradas demais deste "
+                                      "endereço: as próximas são respondidas mais devagar.",
+                                 proximo)
+            else:
+                self._login_page(401, f"{what} inválido.", proximo)
             return
-        sid, _session = auth.open(user)
-        log.info("painel: entrada de %s a partir de %s", user, client)
+        sid, _session = auth.open(credential.user, pii=credential.pii)
+        if credential.pii or self.painel.settings.painel_pii:
+            log.info("painel: entrada de %s a partir de %s com acesso a dados de pacientes "
+                     "(%s)", credential.user, client,
+                     "PAINEL_PII_TOKEN" if credential.pii else "PAINEL_PII=1")
+        else:
+            log.info("painel: entrada de %s a partir de %s", credential.user, client)
         self.send_response(HTTPStatus.SEE_OTHER)
         self.send_header("Location", _local_path(proximo))
         self.send_header("Set-Cookie", self._cookie(SESSION_COOKIE, sid))

@@ -1,30 +1,37 @@
 """What the painel shows and does: read-only views over the state store, and the two actions.
 
 Every read is a short query through the :class:`StateStore`; no transaction stays open
-while a page is rendered. Patient data is masked unless ``PAINEL_PII=1``; secrets are
-stripped from every text that came from the database.
+while a page is rendered. Patient data is masked unless the viewer may see it (a session
+opened with ``PAINEL_PII_TOKEN``, or ``PAINEL_PII=1`` for everyone); secrets are stripped
+from every text that came from the database.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import json
 import logging
 import re
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
+from ..bemsoft import BemsoftClient, Kind
 from ..deadletter import ensure_private_dir
 from ..logsetup import PATIENT_KEYS, mask_name, mask_payload, mask_text
 from ..ops import catalog_status, collect_status, move_file
 from ..redact import redact_secrets
 from ..store import (
     ITEM_REFUSED,
+    ITEM_RESOLVED,
     ORDER_CONFERIR,
     ORDER_DEAD,
     OrderRow,
@@ -42,6 +49,7 @@ CHART_W, CHART_H, CHART_TOP = 720, 160, 10
 SENT_OUTCOMES = frozenset({"delivered", "already"})
 LIST_LIMIT = 500
 MIN_MASKED_LEN = 4
+EXAMPLE_REQUISITIONS = 10  # per refusal group on the catalogue page
 # /readyz fails when the LIS was last read longer ago than this many poll intervals
 # (never under two minutes: a long cycle while catching up is not an outage).
 LIS_STALE_POLLS = 10
@@ -50,6 +58,19 @@ LIS_STALE_MIN_S = 120.0
 # retry command reads only the folder's top level, so these are never sent again).
 REQUEUED_SUBDIR = "reenviados_painel"
 RESOLVED_SUBDIR = "resolvidos_painel"
+# /readyz trusts a good Bemsoft answer this recent (never under a minute, nor under the
+# breaker's probe interval); older than that, it asks GET /tests itself, at most once per
+# the same interval, so an idle monitor still notices an outage without hammering the API.
+BEMSOFT_FRESH_MIN_S = 60.0
+BEMSOFT_PROBE_TIMEOUT_S = 5.0
+# Answers after which Bemsoft is working (the circuit breaker counts them as successes).
+GOOD_ANSWERS = ("delivered", "already", "rejected", "not_saved", "rate_limited")
+# How many of the latest attempts /readyz looks at for a good answer (newest first).
+RECENT_ATTEMPTS = 50
+# Webhook URL parts this long are treated as secrets on their own (a chat hook's path or
+# query value; a single path segment only from 16 characters, so "services" stays a word).
+MIN_SECRET_PART_LEN = 8
+MIN_SECRET_SEGMENT_LEN = 16
 
 ORDER_STATE_PT = {
     "pending": "na fila", "sending": "enviando", "delivered": "entregue",
@@ -58,16 +79,32 @@ ORDER_STATE_PT = {
 ITEM_STATE_PT = {
     "pending": "aguardando", "ordered": "no pedido", "delivered": "entregue",
     "refused": "recusado", "cancelled": "cancelado", "dead": "não enviado",
-    "conferir": "conferir",
+    "conferir": "conferir", ITEM_RESOLVED: "resolvido",
 }
 
 
 @dataclass
+class BemsoftProbe:
+    """The last GET /tests /readyz made itself (shared by every view of one painel)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    at: dt.datetime | None = None
+    ok: bool = False
+    detail: str = ""
+    client: BemsoftClient | None = None
+
+
+@dataclass
 class Painel:
-    """The painel's view of one running monitor."""
+    """The painel's view of one running monitor.
+
+    ``viewer_pii``: this viewer may see patient data (see :meth:`for_viewer`).
+    """
 
     settings: Settings
     monitor: Monitor
+    viewer_pii: bool = False
+    probe: BemsoftProbe = field(default_factory=BemsoftProbe)
 
     @property
     def store(self) -> StateStore:
@@ -76,20 +113,47 @@ class Painel:
     def now(self) -> dt.datetime:
         return self.monitor.clock.now()
 
+    def for_viewer(self, *, pii: bool) -> Painel:
+        """The same painel as one session sees it (patient data shown only when ``pii``)."""
+        return self if pii == self.viewer_pii else replace(self, viewer_pii=pii)
+
     @property
     def show_pii(self) -> bool:
-        return self.settings.painel_pii
+        """Patient data unmasked: PAINEL_PII=1, or a session opened with PAINEL_PII_TOKEN."""
+        return self.settings.painel_pii or self.viewer_pii
+
+    @functools.cached_property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value to strip: the settings' own, DB URL passwords, webhook parts."""
+        found = list(self.settings.secrets)
+        for url in (self.settings.db_url, self.settings.state_db_url):
+            found.extend(_url_passwords(url))
+        hook = self.settings.alert_webhook_url
+        if hook:
+            try:
+                parts = urlsplit(hook)
+            except ValueError:
+                parts = None
+            if parts is not None:
+                # Chat hooks carry their key in the path (/services/T…/B…/<key>) or query.
+                found.append(parts.path)
+                found.extend(p for p in parts.path.split("/") if len(p) >= MIN_SECRET_SEGMENT_LEN)
+                found.extend(v for _k, v in parse_qsl(parts.query))
+        kept = {v for v in found if v and len(v) >= MIN_SECRET_PART_LEN} | set(
+            self.settings.secrets)
+        # Longest first, so that a secret containing another is removed whole.
+        return tuple(sorted(kept, key=len, reverse=True))
 
     # --- text hygiene ---------------------------------------------------------------
     def clean(self, text: str | None, patient: Sequence[str] = ()) -> str:
-        """Secrets removed always; patient data masked unless PAINEL_PII=1.
+        """Secrets removed always; patient data masked unless this viewer may see it.
 
         ``patient``: this order's own name/birth date/CPF, masked wherever the text repeats
         them (an API error may echo the name in free text, which no pattern recognises).
         """
         if not text:
             return ""
-        out = redact_secrets(str(text), self.settings.secrets)
+        out = redact_secrets(str(text), self.secrets)
         if self.show_pii:
             return out
         for value in sorted(patient, key=len, reverse=True):
@@ -99,9 +163,10 @@ class Painel:
         return mask_text(out)
 
     def payload_text(self, payload: dict[str, Any]) -> str:
-        shown = payload if self.show_pii else mask_payload(payload, show_pii=False)
-        return redact_secrets(json.dumps(shown, ensure_ascii=False, indent=2),
-                              self.settings.secrets)
+        """The payload as sent, patient fields masked (the physician is not patient data)."""
+        shown = payload if self.show_pii else _with_physicians(
+            mask_payload(payload, show_pii=False), payload)
+        return redact_secrets(json.dumps(shown, ensure_ascii=False, indent=2), self.secrets)
 
     def local(self, value: dt.datetime | None) -> str:
         """A stored (naive UTC) or aware time in the lab's time zone."""
@@ -119,6 +184,8 @@ class Painel:
         def walk(node: Any) -> None:
             if isinstance(node, dict):
                 for key, value in node.items():
+                    if key == PHYSICIAN_KEY:
+                        continue  # the physician's name is not the patient's
                     if key in PATIENT_KEYS and isinstance(value, str):
                         found.add(value.strip())
                     else:
@@ -146,24 +213,12 @@ class Painel:
             checks.append({"nome": "banco_de_estado", "ok": True, "detalhe": "acessível"})
         except sa.exc.SQLAlchemyError as exc:
             reason = redact_secrets(str(getattr(exc, "orig", exc)).splitlines()[0][:200],
-                                    self.settings.secrets)
+                                    self.secrets)
             checks.append({"nome": "banco_de_estado", "ok": False,
                            "detalhe": f"inacessível: {reason}"})
         m = self.monitor
         checks.append(self._lis_check())
-        if self.settings.bemsoft_dry_run:
-            checks.append({"nome": "bemsoft", "ok": True,
-                           "detalhe": "BEMSOFT_DRY_RUN=1: nada é enviado"})
-        elif m.auth_paused:
-            why = self.clean(m.auth_paused)
-            checks.append({"nome": "bemsoft", "ok": False,
-                           "detalhe": f"token recusado, envio pausado: {why}"})
-        elif m.breaker.is_open:
-            checks.append({"nome": "bemsoft", "ok": False,
-                           "detalhe": "Bemsoft fora do ar ou instável (sondagem periódica)"})
-        else:
-            checks.append({"nome": "bemsoft", "ok": True,
-                           "detalhe": "sem token recusado nem instabilidade detectada"})
+        checks.append(self._bemsoft_check())
         if m.lease_held:
             checks.append({"nome": "trava", "ok": True, "detalhe": "este monitor envia"})
         else:
@@ -171,6 +226,81 @@ class Painel:
                            "detalhe": "sem a trava: outro monitor está ativo ou o banco de "
                                       "estado ainda não foi lido"})
         return checks
+
+    def bemsoft_fresh_s(self) -> float:
+        """How recent a good Bemsoft answer must be for /readyz to trust it without a probe."""
+        return max(BEMSOFT_FRESH_MIN_S, self.settings.bemsoft_breaker_seconds)
+
+    def _bemsoft_check(self) -> dict[str, Any]:
+        m = self.monitor
+        if self.settings.bemsoft_dry_run:
+            return {"nome": "bemsoft", "ok": True, "detalhe": "BEMSOFT_DRY_RUN=1: nada é enviado"}
+        if m.auth_paused:
+            return {"nome": "bemsoft", "ok": False,
+                    "detalhe": f"token recusado, envio pausado: {self.clean(m.auth_paused)}"}
+        if m.breaker.is_open:
+            return {"nome": "bemsoft", "ok": False,
+                    "detalhe": "Bemsoft fora do ar ou instável (sondagem periódica)"}
+        now = self.now()
+        window_s = self.bemsoft_fresh_s()
+        # A time "in the future" (a clock set back) proves nothing and is left out.
+        ages = [age for age in ((now - t).total_seconds() for t in self.bemsoft_answers())
+                if 0 <= age <= window_s]
+        if ages:
+            return {"nome": "bemsoft", "ok": True,
+                    "detalhe": f"última resposta da Bemsoft há {min(ages):.0f} s"}
+        return self._probe_check(now, window_s)
+
+    def bemsoft_answers(self) -> list[dt.datetime]:
+        """When Bemsoft last answered well: the latest good POST answer, the catalogue fetch."""
+        found: list[dt.datetime] = []
+        a = self.store.attempts
+        q = (sa.select(a.c.FinishedAt, a.c.Outcome).order_by(a.c.AttemptId.desc())
+             .limit(RECENT_ATTEMPTS))
+        try:
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(q).all()
+        except sa.exc.SQLAlchemyError:
+            rows = []  # the state-store check reports that
+        for finished, outcome in rows:
+            if finished is not None and outcome in GOOD_ANSWERS:
+                found.append(_utc(finished))
+                break
+        catalog = self.monitor.catalog
+        loaded = catalog.loaded_at if catalog is not None else None
+        if loaded is not None:
+            found.append(dt.datetime.fromtimestamp(loaded, dt.timezone.utc))
+        return found
+
+    def _probe_check(self, now: dt.datetime, interval_s: float) -> dict[str, Any]:
+        """GET /tests, asked at most once per ``interval_s``; later calls reuse the answer."""
+        p = self.probe
+        with p.lock:
+            age_s = (now - p.at).total_seconds() if p.at is not None else None
+            if age_s is None or not 0 <= age_s < interval_s:
+                p.ok, p.detail = self._probe_once()
+                p.at, age_s = now, 0.0
+            return {"nome": "bemsoft", "ok": p.ok,
+                    "detalhe": f"{p.detail} (sondagem GET /tests há {age_s:.0f} s; nenhuma "
+                               f"resposta da Bemsoft nos últimos {interval_s:.0f} s)"}
+
+    def _probe_once(self) -> tuple[bool, str]:
+        s = self.settings
+        p = self.probe
+        if p.client is None:
+            p.client = BemsoftClient(
+                base_url=s.bemsoft_base_url, token=s.token, endpoint=s.bemsoft_endpoint,
+                tests_endpoint=s.bemsoft_tests_endpoint,
+                timeout_s=min(s.bemsoft_timeout, BEMSOFT_PROBE_TIMEOUT_S), verify=s.verify,
+                proxy=s.bemsoft_proxy)
+        out = p.client.check_token()
+        if out.kind in (Kind.DELIVERED, Kind.RATE_LIMITED):
+            return True, f"a Bemsoft respondeu HTTP {out.status}"
+        if out.kind == Kind.AUTH:
+            return False, f"token recusado pela Bemsoft (HTTP {out.status}); confira BEMSOFT_TOKEN"
+        if out.status is None:
+            return False, f"a Bemsoft não respondeu: {self.clean(out.message)[:200]}"
+        return False, f"a Bemsoft respondeu HTTP {out.status}"
 
     def lis_stale_after_s(self) -> float:
         """How old the last successful LIS read may be before /readyz fails."""
@@ -204,7 +334,7 @@ class Painel:
         except sa.exc.SQLAlchemyError as exc:
             status = None
             error = redact_secrets(str(getattr(exc, "orig", exc)).splitlines()[0][:200],
-                                   self.settings.secrets)
+                                   self.secrets)
         chart = self.chart(now) if status is not None else None
         m = self.monitor
         return {
@@ -331,16 +461,21 @@ class Painel:
                 "motivo": self.clean(it.reason)}
 
     def catalog_problems(self) -> dict[str, Any]:
+        """Refused items grouped by code and reason (the requisition number taken out)."""
         cat = catalog_status(self.settings, now=self.now())
         refused = self.store.items_by_state(ITEM_REFUSED, limit=100000)
         by_code: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
         for it in refused:
             snap = it.snapshot
             code = (snap.conv_code or "").strip() if snap else ""
-            by_code[(code, self.clean(it.reason))].append(it.requisition_id)
+            known = self.patient_values((), [it])
+            reason = self.clean(general_reason(it.reason or "", it.requisition_id), known)
+            by_code[(code, reason)].append(it.requisition_id)
         ranked = sorted(by_code.items(), key=lambda kv: (-len(kv[1]), kv[0][0]))
         groups = [{"codigo": c, "motivo": r, "itens": len(reqs),
-                   "solicitacoes": sorted(set(reqs))[:10]} for (c, r), reqs in ranked]
+                   "n_solicitacoes": len(set(reqs)),
+                   "solicitacoes": sorted(set(reqs))[:EXAMPLE_REQUISITIONS]}
+                  for (c, r), reqs in ranked]
         age = cat.get("catalog_age_s")
         return {
             "entradas": cat.get("catalog_entries"),
@@ -393,6 +528,14 @@ class Painel:
         log.info("painel: item recusado %s devolvido à fila por %s", item_id, who)
         return True, f"Item {item_id} voltou para a fila; será transformado e enviado de novo."
 
+    def resolve_refused(self, item_id: int, *, who: str) -> tuple[bool, str]:
+        """Marcar como resolvido for a refused item: dealt with outside the monitor, never sent."""
+        note = f"marcado como resolvido no painel por {who} em {self.local(self.now())}"
+        if not self.store.resolve_refused([item_id], now=self.now(), note=note):
+            return False, f"Item {item_id} não está recusado; nada foi feito."
+        log.info("painel: item recusado %s marcado como resolvido por %s", item_id, who)
+        return True, f"Item {item_id} marcado como resolvido; ele não será enviado."
+
     def _move_failed_file(self, order: OrderRow, subdir: str) -> None:
         if not order.failed_file:
             return
@@ -404,6 +547,52 @@ class Painel:
         except OSError as exc:
             log.warning("painel: não foi possível mover %s para %s: %s", path.name, subdir,
                         exc.strerror)
+
+
+PHYSICIAN_KEY = "physician"
+_REQ_PREFIX = "solicitação {req}: "
+
+
+def general_reason(reason: str, requisition_id: int) -> str:
+    """A refusal reason with its requisition number taken out, to group equal problems.
+
+    ``solicitação 123: sexo ausente`` → ``sexo ausente``; ``(s123-2)`` → ``(s…-2)``.
+    """
+    req = str(requisition_id)
+    out = reason.removeprefix(_REQ_PREFIX.format(req=req))
+    out = re.sub(rf"\bsolicitação {req}(?!\d)", "solicitação …", out)
+    # The order's external ids: sol-123, order-123-2, s123, o123-2.
+    return re.sub(rf"(?<![\w-])(sol-|order-|s|o){req}(?![\d])", r"\1…", out)
+
+
+def _with_physicians(masked: Any, original: Any) -> Any:
+    """``masked`` with every physician object put back as in ``original``."""
+    if isinstance(masked, dict) and isinstance(original, dict):
+        return {k: (original[k] if k == PHYSICIAN_KEY and k in original
+                    else _with_physicians(v, original.get(k))) for k, v in masked.items()}
+    if isinstance(masked, list) and isinstance(original, list) and len(masked) == len(original):
+        return [_with_physicians(m, o) for m, o in zip(masked, original, strict=True)]
+    return masked
+
+
+def _url_passwords(url: str | None) -> list[str]:
+    """The password of a database URL, in its user part or its query string."""
+    if not url:
+        return []
+    try:
+        parsed = make_url(url)
+    except Exception:  # an unparsable URL was refused by the settings already
+        return []
+    found = [parsed.password] if parsed.password else []
+    for key, value in parsed.query.items():
+        if key.lower() in ("password", "pwd", "passwd"):
+            found.extend([value] if isinstance(value, str) else list(value))
+    return [str(v) for v in found if v]
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    """A stored time (naive UTC) as an aware one."""
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
 
 
 def item_exists(store: StateStore, item_id: int) -> bool:
