@@ -51,7 +51,12 @@ def _url(tmp_path: Path) -> str:
         (201, '{"error": null, "id": 1}', {}, Kind.DELIVERED),
         (200, "<html><body>Proxy</body></html>", {"Content-Type": "text/html"}, Kind.NO_ANSWER),
         (200, "[1, 2]", {}, Kind.NO_ANSWER),
-        (301, "", {"Location": "https://x/requests"}, Kind.NOT_SAVED),
+        (301, "", {"Location": "https://x/requests"}, Kind.UNREACHABLE),
+        (404, "<html>Not Found</html>", {}, Kind.UNREACHABLE),
+        (405, "", {}, Kind.UNREACHABLE),
+        (407, "", {"Proxy-Authenticate": "Basic"}, Kind.UNREACHABLE),
+        (408, "", {}, Kind.UNREACHABLE),
+        (418, '{"message": "?"}', {}, Kind.REJECTED),
         (409, '{"message": "dup"}', {}, Kind.ALREADY),
         (400, '{"message": "campo X"}', {}, Kind.REJECTED),
         (422, "", {}, Kind.REJECTED),
@@ -447,3 +452,36 @@ def test_bemsoft_proxy_must_be_an_http_url(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="BEMSOFT_PROXY") as info:
         make_settings(_url(tmp_path), tmp_path, bemsoft_proxy="proxy.lab:3128")
     assert "http://" in str(info.value)
+
+
+def test_a_wrong_endpoint_keeps_every_order_and_stops_hammering_until_it_is_fixed(
+        tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis = Lis(_url(tmp_path))
+    lis.patient()
+    for req in range(1, 7):
+        lis.requisition(req)
+        lis.item(req, "FE", item_id=req)
+    wrong = make_settings(_url(tmp_path), tmp_path, sim, bemsoft_endpoint="/pedidos",
+                          bemsoft_breaker_seconds=60, bemsoft_concurrency=1)
+    monitor, parts = make_monitor(wrong, clock)
+    for _ in range(10):
+        monitor.cycle()
+        clock.advance(5)
+    pending = parts.store.orders_by_state("pending")
+    attempts = sum(o.attempts for o in pending)
+    states = parts.store.counts()["orders"]
+    print(f"\nchamadas ao endereço errado: {attempts}; pedidos: {states}")
+    assert {o.last_status for o in pending} <= {404, None}
+    assert 3 <= attempts <= 4  # three failures open the breaker; then one probe per minute
+    assert states == {"pending": 6}
+    assert not (tmp_path / "failed").exists() or not any((tmp_path / "failed").iterdir())
+    assert "BEMSOFT_ENDPOINT" in (pending[0].last_error or "")
+    monitor.close()
+
+    fixed = make_settings(_url(tmp_path), tmp_path, sim, bemsoft_concurrency=1)
+    monitor, parts = make_monitor(fixed, clock)
+    drive(monitor, clock, cycles=20)
+    assert sorted(t["test_external_id"] for t in sim.saved_tests()) == [
+        f"item-{i}" for i in range(1, 7)]
+    assert parts.store.counts()["orders"] == {"delivered": 6}
+    monitor.close()

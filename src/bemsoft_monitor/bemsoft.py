@@ -30,13 +30,21 @@ class Kind(enum.Enum):
     REJECTED = "rejected"  # 400/422 and other 4xx: payload refused, nothing saved
     AUTH = "auth"  # 401/403: token problem, not the event's fault
     RATE_LIMITED = "rate_limited"  # 429
-    NOT_SAVED = "not_saved"  # 201 with an error field, or a redirect: definitely not saved
+    NOT_SAVED = "not_saved"  # 201 with an error field: definitely not saved
+    # Never reached the order handler (redirect, 404/405, proxy 407, 408/425): nothing saved,
+    # and every order would meet the same; retried like an outage (circuit breaker).
+    UNREACHABLE = "unreachable"
     SERVER_ERROR = "server_error"  # 5xx answered: maybe saved, maybe not
     NO_ANSWER = "no_answer"  # timeout, connection/TLS error, unreadable 2xx: unknown
 
 
 #: Outcomes after which Bemsoft definitely saved nothing: the next try may use a new key.
-DEFINITELY_NOT_SAVED = frozenset({Kind.REJECTED, Kind.AUTH, Kind.RATE_LIMITED, Kind.NOT_SAVED})
+DEFINITELY_NOT_SAVED = frozenset({Kind.REJECTED, Kind.AUTH, Kind.RATE_LIMITED, Kind.NOT_SAVED,
+                                  Kind.UNREACHABLE})
+#: Statuses that mean the request never reached the order handler (see Kind.UNREACHABLE).
+_NOT_REACHED = {404: "endereço não encontrado", 405: "método não aceito neste endereço",
+                407: "o proxy pede autenticação (confira usuário e senha em BEMSOFT_PROXY)",
+                408: "a Bemsoft desistiu de esperar o pedido", 425: "cedo demais"}
 
 
 @dataclass(frozen=True)
@@ -106,10 +114,16 @@ def classify(status: int, headers: Any, text: str, *, now: dt.datetime) -> tuple
         return Kind.DELIVERED, f"HTTP {status} criado", None
     if 300 <= status < 400:
         where = headers.get("Location", "?")
-        return (Kind.NOT_SAVED,
+        return (Kind.UNREACHABLE,
                 f"HTTP {status}: redirecionado para {where}; confira BEMSOFT_BASE_URL "
                 "(https?) e BEMSOFT_ENDPOINT", None)
     message = _api_message(body, text)
+    if status in _NOT_REACHED:
+        hint = ("" if status == 407 else
+                "; confira BEMSOFT_BASE_URL, BEMSOFT_ENDPOINT e BEMSOFT_PROXY")
+        return (Kind.UNREACHABLE,
+                f"HTTP {status}: {_NOT_REACHED[status]} ({message}); nada foi salvo{hint}",
+                parse_retry_after(headers.get("Retry-After"), now=now))
     if status == 409:
         return Kind.ALREADY, f"HTTP 409: Idempotency-Key já processada ({message})", None
     if status in (401, 403):

@@ -806,9 +806,9 @@ class Monitor:
             return _Decision(Finish(order=order, state=ORDER_PENDING, detail=outcome.message,
                                     next_attempt_at=now, new_generation=fresh_key, **common),
                              effects, flags={FLAG_AUTH_PAUSED: outcome.message})
-        # Retryable: RATE_LIMITED, NOT_SAVED, SERVER_ERROR, NO_ANSWER.
+        # Retryable: RATE_LIMITED, NOT_SAVED, UNREACHABLE, SERVER_ERROR, NO_ANSWER.
         uncertain = True if kind in (Kind.SERVER_ERROR, Kind.NO_ANSWER) else None
-        if uncertain:
+        if uncertain or kind == Kind.UNREACHABLE:
             effects.append(lambda: self._breaker_failure(outcome, now))
         first = order.first_attempt_at or store_naive(now)
         elapsed = (store_naive(now) - first).total_seconds()
