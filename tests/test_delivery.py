@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from bemsoft_monitor.bemsoft import BemsoftClient
-from bemsoft_monitor.simulator import Simulator
+from bemsoft_monitor.simulator import Simulator, load_catalog_sample
 
 from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
 
@@ -316,3 +319,45 @@ def test_no_external_id_exceeds_the_limit(
                     "test_external_id"):
             assert len(saved[key]) <= limit
         monitor.close()
+
+
+def test_refused_items_requeued_by_another_process_during_a_settle_are_sent_once(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``retry --refused`` (another process) writes while the monitor settles the same requisition."""
+    lis.patient()
+    lis.requisition(1)
+    fe = lis.item(1, "FE")
+    novo = lis.item(1, "NOVO")  # not in the catalogue yet: refused
+    settings = make_settings(db_url, tmp_path, sim, bemsoft_tests_min_refresh=0)
+    monitor, parts = make_monitor(settings, clock)
+    drive(monitor, clock)
+    assert [r.item_id for r in parts.store.items_by_state("refused")] == [novo]
+    sim.set_catalog([*load_catalog_sample(),
+                     {"id": "NOVO", "name": "EXAME NOVO", "specimen": {"id": "SORO",
+                                                                       "name": "Soro"}}])
+    late = lis.item(1, "TSH")  # makes the requisition due again
+    # Another process (its own engine) requeues the refused item exactly while the monitor
+    # is between reading the requisition and writing its settle. The fake clock does not
+    # move, so a timestamp could not tell the two writes apart.
+    other, _ = make_monitor(settings, clock)
+    fired: list[int] = []
+
+    @sa.event.listens_for(parts.store.engine, "before_cursor_execute")
+    def _meanwhile(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        in_settle = any(f.name == "_settle_chunk" for f in traceback.extract_stack())
+        if not fired and in_settle and '"OrderSeq"' in statement:
+            fired.append(other.store.requeue_refused(now=clock.now()))
+
+    with caplog.at_level(logging.INFO, logger="bemsoft_monitor"):
+        drive(monitor, clock)
+        clock.advance(1)
+        drive(monitor, clock)
+    other.close()
+    assert fired == [1], "the other process requeued the item during the settle"
+    lost, dup = report("reenvio de recusados durante o assentamento", 3, sim)
+    assert (lost, dup) == (0, 0)
+    assert sorted(saved_ids(sim)) == sorted(f"item-{i}" for i in (fe, novo, late))
+    assert [o.seq for o in parts.store.orders_of_requisition(1)] == [1, 2, 3]
+    assert "indisponível" not in caplog.text
+    monitor.close()

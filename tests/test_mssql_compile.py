@@ -98,3 +98,8 @@ def test_state_tables_create_on_sql_server_with_datetime2() -> None:
     items = next(d for d in ddl if "[_MonitorItem]" in d and "CREATE TABLE" in d)
     assert "[Reason] NVARCHAR(max)" in items
     assert not any("NTEXT" in d or " TEXT" in d for d in ddl)  # deprecated, not sortable
+    # A column added to an existing table on upgrade (ALTER TABLE ... ADD <this>).
+    version = store.reqs.c.Version
+    added = str(sa.schema.CreateColumn(version).compile(dialect=dialect))
+    # T-SQL fills existing rows with the default when a NOT NULL column has one.
+    assert added == "[Version] INTEGER NOT NULL DEFAULT '0'", added

@@ -307,3 +307,29 @@ def test_state_store_can_live_in_another_database(
     assert not sa.inspect(lis.engine).has_table("_MonitorOrder")
     assert parts.store.engine.url.database.endswith("state.db")  # type: ignore[union-attr]
     monitor.close()
+
+
+def test_a_state_store_from_an_older_version_gets_the_new_columns(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:  # _MonitorRequisition as the first release created it
+        conn.execute(sa.text(
+            'CREATE TABLE "_MonitorRequisition" ("RequisitionId" BIGINT PRIMARY KEY, '
+            '"FirstSeenAt" TIMESTAMP NOT NULL, "DueAt" TIMESTAMP NULL, '
+            '"OrderSeq" INTEGER NOT NULL, "UpdatedAt" TIMESTAMP NOT NULL)'))
+        conn.execute(sa.text(
+            'INSERT INTO "_MonitorRequisition" VALUES (7, :t, NULL, 1, :t)'),
+            {"t": dt.datetime(2026, 6, 30)})
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE", item_id=1)
+    monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    drive(monitor, clock)
+    assert [t["test_external_id"] for t in sim.saved_tests()] == ["item-1"]
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text('SELECT "RequisitionId", "Version" FROM '
+                                    '"_MonitorRequisition" ORDER BY 1')).all()
+    assert (7, 0) in [tuple(r) for r in rows]  # the old row got the column's default
+    assert (1, 1) in [tuple(r) for r in rows] or (1, 0) in [tuple(r) for r in rows]
+    monitor.close()
+    engine.dispose()

@@ -342,7 +342,9 @@ class Monitor:
     def _db_step(self, step: Callable[[CycleStats], None], stats: CycleStats) -> bool:
         try:
             self._again_if_dropped(lambda: step(stats))
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
+        except sa.exc.DBAPIError as exc:
+            if not is_outage(exc):
+                raise  # a bug or bad data, not an outage: the loop logs it with its cause
             if self._db_down_since is None:
                 self._db_down_since = self.clock.now()
                 log.error("banco de dados indisponível: %s; nova tentativa a cada %.0f s, nada "
@@ -512,7 +514,7 @@ class Monitor:
             # A backlog takes many chunks: record answers and start sends meanwhile.
             self.pump()
 
-    def _settle_chunk(self, due: list[tuple[int, dt.datetime]], stats: CycleStats,
+    def _settle_chunk(self, due: list[tuple[int, int]], stats: CycleStats,
                       resolver: Resolver, catalog_retried: bool) -> tuple[Resolver, bool]:
         """Re-read a chunk of due requisitions from the LIS and settle them in one transaction."""
         req_ids = [rid for rid, _version in due]
@@ -962,8 +964,14 @@ class Monitor:
                 # Answers are recorded here too: a state-store outage must not end the loop.
                 remaining = (next_poll - self.clock.now()).total_seconds()
                 self.wait_for_sends(stop, max(0.01, remaining))
-            except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DBAPIError) as exc:
+            except sa.exc.DBAPIError as exc:
                 errors_in_row += 1
+                if not is_outage(exc):
+                    log.exception("erro do banco de dados que não é uma queda de conexão (%s); "
+                                  "o monitor continua e tenta de novo", _db_reason(exc))
+                    self.clock.wait(stop, _pause_s(self.s.poll_seconds, errors_in_row))
+                    next_poll = self.clock.now()
+                    continue
                 if self._db_down_since is None:
                     self._db_down_since = self.clock.now()
                     log.error("banco de dados indisponível: %s; nova tentativa com espera "
@@ -978,6 +986,12 @@ class Monitor:
                 next_poll = self.clock.now()
                 continue
         self.close()
+
+
+def is_outage(exc: sa.exc.DBAPIError) -> bool:
+    """A lost or refused connection (retry later), not a constraint or a bad statement."""
+    return bool(exc.connection_invalidated) or isinstance(
+        exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
 
 
 def _pause_s(poll_s: float, errors_in_row: int) -> float:

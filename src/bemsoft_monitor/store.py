@@ -86,6 +86,9 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("DueAt", _DateTime, nullable=True, index=True),
         sa.Column("OrderSeq", sa.Integer, nullable=False, default=0),
         sa.Column("UpdatedAt", _DateTime, nullable=False),
+        # Bumped by every write that changes what a settle would do (new items, refused
+        # items back in the queue); a settle commits its "done" only on the version it read.
+        sa.Column("Version", sa.Integer, nullable=False, default=0, server_default="0"),
     )
     sa.Table(
         "_MonitorOrder", md,
@@ -193,8 +196,8 @@ class SettlePlan:
     to_send_ids: tuple[int, ...]
     drafts: tuple[OrderDraft, ...]
     refusals: tuple[Refusal, ...]
-    # UpdatedAt of the requisition when it was read as due; None = do not guard.
-    version: dt.datetime | None = None
+    # Version of the requisition when it was read as due; None = do not guard.
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -365,16 +368,16 @@ class StateStore:
             FinishedAt=b("b_ts"), Status=b("b_status"), Outcome=b("b_outcome"),
             Detail=b("b_detail"), ElapsedMs=b("b_elapsed"))
         self._finish_stmts: dict[tuple[str, ...], sa.Update] = {}
-        self._stmt_settled: dict[tuple[bool, bool], sa.Update] = {}
+        self._stmt_settled: dict[bool, sa.Update] = {}
         for guarded in (False, True):
-            for with_seq in (False, True):
-                stmt = sa.update(r).where(r.c.RequisitionId == b("b_id"))
-                if guarded:
-                    stmt = stmt.where(r.c.UpdatedAt == b("b_version"))
-                values: dict[str, Any] = {"DueAt": None, "UpdatedAt": b("b_ts")}
-                if with_seq:
-                    values["OrderSeq"] = b("b_seq")
-                self._stmt_settled[(guarded, with_seq)] = stmt.values(**values)
+            stmt = sa.update(r).where(r.c.RequisitionId == b("b_id"))
+            if guarded:
+                stmt = stmt.where(r.c.Version == b("b_version"))
+            self._stmt_settled[guarded] = stmt.values(DueAt=None, UpdatedAt=b("b_ts"))
+        # The order counter moves forward whatever else changed meanwhile: the orders exist.
+        self._stmt_order_seq = sa.update(r).where(
+            r.c.RequisitionId == b("b_id"), r.c.OrderSeq < b("b_seq")).values(
+            OrderSeq=b("b_seq"))
 
     def _claimable_statement(self, limit: int) -> sa.Executable:
         """Pending orders due now, oldest first (TOP n on SQL Server); built once per size."""
@@ -401,6 +404,20 @@ class StateStore:
             for index in table.indexes:
                 if index.name not in existing:
                     index.create(self.engine, checkfirst=True)
+            self._add_missing_columns(table, inspector)
+
+    def _add_missing_columns(self, table: sa.Table, inspector: sa.Inspector) -> None:
+        """Columns a newer version added to an existing table (each has a server default)."""
+        present = {c["name"].lower() for c in inspector.get_columns(table.name,
+                                                                      schema=table.schema)}
+        preparer = self.engine.dialect.identifier_preparer
+        for column in table.columns:
+            if column.name.lower() in present or column.server_default is None:
+                continue
+            ddl = sa.schema.CreateColumn(column).compile(dialect=self.engine.dialect)
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {preparer.format_table(table)} ADD {ddl}")
+            log.info("banco de estado: coluna %s.%s criada", table.name, column.name)
 
     def dispose(self) -> None:
         """Close pooled connections."""
@@ -517,26 +534,31 @@ class StateStore:
         if fresh:
             conn.execute(sa.insert(r), [
                 {"RequisitionId": rid, "FirstSeenAt": ts, "DueAt": due, "OrderSeq": 0,
-                 "UpdatedAt": ts} for rid in fresh])
-        # A requisition already settled gets a new debounce for its late items.
+                 "UpdatedAt": ts, "Version": 0} for rid in fresh])
+        # A requisition already settled gets a new debounce for its late items; one still
+        # waiting keeps its due time (the debounce counts from first sight).
         settled = [rid for rid, due_at in known.items() if due_at is None]
+        waiting = [rid for rid, due_at in known.items() if due_at is not None]
         for chunk in _chunks(settled):
             conn.execute(sa.update(r).where(r.c.RequisitionId.in_(chunk))
-                         .values(DueAt=due, UpdatedAt=ts))
+                         .values(DueAt=due, UpdatedAt=ts, Version=r.c.Version + 1))
+        for chunk in _chunks(waiting):
+            conn.execute(sa.update(r).where(r.c.RequisitionId.in_(chunk))
+                         .values(UpdatedAt=ts, Version=r.c.Version + 1))
 
     # --- settle --------------------------------------------------------------------------
-    def due_requisitions(self, *, now: dt.datetime, limit: int) -> list[tuple[int, dt.datetime]]:
+    def due_requisitions(self, *, now: dt.datetime, limit: int) -> list[tuple[int, int]]:
         """Requisitions whose debounce has ended, oldest first, with their version.
 
-        The version (``UpdatedAt``) lets :meth:`settle_many` notice a requisition that
-        another thread or process touched meanwhile (painel, ``retry --refused``).
+        The version lets :meth:`settle_many` notice a requisition that another thread or
+        process touched meanwhile (painel, ``retry --refused``).
         """
         r = self.reqs
-        q = (sa.select(r.c.RequisitionId, r.c.UpdatedAt)
+        q = (sa.select(r.c.RequisitionId, r.c.Version)
              .where(r.c.DueAt.is_not(None), r.c.DueAt <= utc_naive(now))
              .order_by(r.c.DueAt, r.c.RequisitionId).limit(limit))
         with self._read() as conn:
-            return [(int(x.RequisitionId), x.UpdatedAt) for x in conn.execute(q)]
+            return [(int(x.RequisitionId), int(x.Version or 0)) for x in conn.execute(q)]
 
     def next_attempt_at(self) -> dt.datetime | None:
         """When the next pending order may be sent (None when none is pending)."""
@@ -683,17 +705,17 @@ class StateStore:
                                    for x in str(row["ItemIds"]).split(","))
             if ordered:
                 conn.execute(self._stmt_order_items, ordered)
-            groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
+            if seqs:
+                conn.execute(self._stmt_order_seq, [{"b_id": rid, "b_seq": seq}
+                                                    for rid, seq in seqs.items()])
+            groups: dict[bool, list[dict[str, Any]]] = {}
             for plan in plans:
                 params: dict[str, Any] = {"b_id": plan.req_id, "b_ts": ts}
                 if plan.version is not None:
                     params["b_version"] = plan.version
-                if plan.req_id in seqs:
-                    params["b_seq"] = seqs[plan.req_id]
-                groups.setdefault((plan.version is not None, plan.req_id in seqs),
-                                  []).append(params)
-            for shape, group in groups.items():
-                conn.execute(self._stmt_settled[shape], group)
+                groups.setdefault(plan.version is not None, []).append(params)
+            for guarded, group in groups.items():
+                conn.execute(self._stmt_settled[guarded], group)
         self.work_version += 1
         return new_orders
 
@@ -725,9 +747,10 @@ class StateStore:
             if not rows:
                 return 0
             self._set_items(conn, [int(r.ItemId) for r in rows], ITEM_PENDING, ts)
-            for req_id in sorted({int(r.RequisitionId) for r in rows}):
-                conn.execute(sa.update(self.reqs).where(self.reqs.c.RequisitionId == req_id)
-                             .values(DueAt=ts, UpdatedAt=ts))
+            reqs = self.reqs
+            for chunk in _chunks(sorted({int(r.RequisitionId) for r in rows})):
+                conn.execute(sa.update(reqs).where(reqs.c.RequisitionId.in_(chunk))
+                             .values(DueAt=ts, UpdatedAt=ts, Version=reqs.c.Version + 1))
         self.work_version += 1
         return len(rows)
 
