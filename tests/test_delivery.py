@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import logging
 import threading
@@ -274,31 +275,75 @@ def test_second_monitor_waits_and_takes_over_after_the_lease_expires(
 
 
 def test_a_monitor_that_lost_its_lease_cannot_overwrite_the_successor(
-        tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+        tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     url = f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
     lis = Lis(url)
     lis.patient()
     lis.requisition(1)
     lis.item(1, "FE")
-    settings = make_settings(url, tmp_path, sim, lease_seconds=30)
-    first, parts = make_monitor(settings, clock)
-    first.cycle(drain=False)
-    first.cycle(drain=False)
-    # Wait (bounded) until the in-flight send has been answered and recorded.
-    deadline = time.monotonic() + 15
-    while not parts.store.orders_by_state("delivered") and time.monotonic() < deadline:
-        first.cycle(drain=False)
-        time.sleep(0.02)
-    delivered = parts.store.orders_by_state("delivered")
-    assert delivered
-    # Pretend a frozen monitor answers late for the row it had claimed.
-    order = delivered[0]
-    from bemsoft_monitor.bemsoft import Kind, Outcome
+    with Simulator(latency_s=0.3) as sim:
+        settings = make_settings(url, tmp_path, sim, lease_seconds=30)
+        first, parts = make_monitor(settings, clock)
+        first.cycle(drain=False)  # the order is on the wire
+        assert [o.state for o in parts.store.orders_of_requisition(1)] == ["sending"]
+        # The first monitor freezes; its lease runs out and a successor takes over, puts the
+        # interrupted order back with the same key and sends it.
+        clock.advance(31)
+        second, _ = make_monitor(settings, clock)
+        second.host = "outro-servidor"
+        assert second.cycle().lease_held
+        drive(second, clock)
+        # The frozen monitor wakes up with its (late) answer: it is not written over the
+        # successor's record, and nothing new is claimed.
+        cf.wait(list(first._inflight), timeout=10)
+        with caplog.at_level(logging.WARNING, logger="bemsoft_monitor"):
+            first.pump()
+        assert "retomado por outro monitor" in caplog.text
+        orders = parts.store.orders_of_requisition(1)
+        assert [o.state for o in orders] == ["delivered"]
+        lost, dup = report("monitor congelado e sucessor", 1, sim)
+        assert (lost, dup) == (0, 0)
+        second.close()
+        first.close(grace_s=0)
 
-    # The successor already recorded it; the stale answer is ignored.
-    assert first.record_outcome(order, Outcome(Kind.ALREADY, 409, "dup")) == "fenced"
-    assert parts.store.get_order(order.order_id).state == "delivered"  # type: ignore[union-attr]
+
+def test_the_lease_is_renewed_between_polls_and_claims_need_it(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    """POLL_SECONDS longer than LEASE_SECONDS: the lease is kept while sending between polls."""
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    settings = make_settings(db_url, tmp_path, sim, lease_seconds=30, poll_seconds=60)
+    first, parts = make_monitor(settings, clock)
+    second, _ = make_monitor(settings, clock)
+    second.host = "outro-servidor"
+    assert first.cycle().lease_held
+    clock.advance(20)
+    first.pump()  # between two polls: renews the lease (due after a third of it)
+    clock.advance(20)  # 40 s after it was taken: only a renewal keeps it
+    assert not second.cycle().lease_held
+    # The first monitor stops pumping; the second takes the expired lease over.
+    clock.advance(31)
+    assert second.cycle().lease_held
+    lis.requisition(2)
+    lis.item(2, "TSH")
+    token = sim.token
+    sim.set_token("revogado")  # the second's send is refused: the order stays pending
+    second.cycle()
+    pending = [o.order_id for o in parts.store.orders_by_state("pending")]
+    assert len(pending) == 1
+    # The first monitor has not noticed; the state store refuses it the claim all the same.
+    assert first.lease_held
+    assert parts.store.claim_many(pending, holder=first.holder, now=clock.now()) == []
+    first.pump()
+    assert not first.lease_held
+    sim.set_token(token)
+    clock.advance(settings.bemsoft_breaker_seconds + 1)
+    drive(second, clock)
+    lost, dup = report("trava renovada entre leituras", 2, sim)
+    assert (lost, dup) == (0, 0)
     first.close()
+    second.close()
 
 
 @pytest.mark.parametrize("limit", [20, 12])
@@ -360,4 +405,26 @@ def test_refused_items_requeued_by_another_process_during_a_settle_are_sent_once
     assert sorted(saved_ids(sim)) == sorted(f"item-{i}" for i in (fe, novo, late))
     assert [o.seq for o in parts.store.orders_of_requisition(1)] == [1, 2, 3]
     assert "indisponível" not in caplog.text
+    monitor.close()
+
+
+def test_reenviar_gives_a_dead_order_a_fresh_retry_budget(
+        tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    url = f"sqlite:///{(tmp_path / 'lis.db').as_posix()}"
+    lis = Lis(url)
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE")
+    sim.set_faults([{"kind": "status", "status": 503}, {"kind": "status", "status": 503}])
+    monitor, parts = make_monitor(make_settings(url, tmp_path, sim, bemsoft_retries=1,
+                                                bemsoft_breaker_seconds=2), clock)
+    drive(monitor, clock)
+    [order] = parts.store.orders_of_requisition(1)
+    assert order.state == "dead" and order.attempts == 2  # the first try and one retry
+    # A person presses Reenviar; Bemsoft fails once more, then answers.
+    sim.set_faults([{"kind": "status", "status": 503}])
+    assert parts.store.requeue_order(order.order_id, now=clock.now(), new_generation=False)
+    drive(monitor, clock)
+    assert [o.state for o in parts.store.orders_of_requisition(1)] == ["delivered"]
+    assert saved_ids(sim) == [f"item-{order.item_ids[0]}"]
     monitor.close()

@@ -6,6 +6,7 @@ items are counted exactly. Each test prints its counts.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import signal
@@ -22,6 +23,11 @@ import sqlalchemy as sa
 from bemsoft_monitor.simulator import Simulator
 
 from .conftest import LAB, Lis
+
+
+def _ts(value: object) -> dt.datetime:
+    """A stored time (SQLite gives text through a plain SQL query)."""
+    return value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
 
 KILL_RUNS = int(os.environ.get("FAULT_KILL_RUNS", "30"))
 CODES = ("FE", "TSH", "T4L", "HMG", "PSA")
@@ -214,6 +220,22 @@ def test_two_monitors_never_send_concurrently_and_the_survivor_takes_over(
         assert "trava do monitor obtida" in err2
         lost, dup = counts("dois monitores", expected, sim)
         assert (lost, dup) == (0, 0)
+    # Never concurrently: no send of one monitor overlaps a send of the other. The killed
+    # monitor's last sends are closed when the survivor takes over, before it sends.
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            'SELECT "Holder", "StartedAt", "FinishedAt" FROM "_MonitorAttempt" '
+            'WHERE "Holder" IS NOT NULL ORDER BY "StartedAt"')).all()
+    engine.dispose()
+    holders = sorted({r.Holder for r in rows})
+    spans = {h: (min(_ts(r.StartedAt) for r in rows if r.Holder == h),
+                 max(_ts(r.FinishedAt or r.StartedAt) for r in rows if r.Holder == h))
+             for h in holders}
+    print(f"envios por monitor: { {h: sum(r.Holder == h for r in rows) for h in holders} }")
+    assert len(holders) == 2, holders
+    (a_start, a_end), (b_start, b_end) = sorted(spans.values())
+    assert a_end <= b_start, spans
     lis.dispose()
 
 

@@ -79,6 +79,29 @@ def test_existing_seed_checkpoint_is_honoured_on_first_start(
     monitor.close()
 
 
+def test_a_seed_row_with_a_null_checkpoint_starts_where_initial_item_id_says(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE", item_id=100)  # history: must not be sent with INITIAL_ITEM_ID=max
+    with lis.engine.begin() as conn:
+        conn.execute(sa.text('CREATE TABLE "_MonitorState" ("Name" VARCHAR(128) PRIMARY KEY, '
+                             '"LastItemId" BIGINT NULL, "UpdatedAt" TIMESTAMP NOT NULL '
+                             "DEFAULT CURRENT_TIMESTAMP)"))
+        conn.execute(sa.text('INSERT INTO "_MonitorState" ("Name", "LastItemId") '
+                             "VALUES ('ItemSolMonitor', NULL)"))
+    monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim, initial_item_id="max"),
+                                  clock)
+    drive(monitor, clock)
+    assert sim.saved_tests() == []
+    assert parts.store.checkpoint() == 100
+    lis.requisition(2)
+    lis.item(2, "TSH", item_id=101)
+    drive(monitor, clock)
+    assert [t["test_external_id"] for t in sim.saved_tests()] == ["item-101"]
+    monitor.close()
+
+
 def test_initial_item_id_max_skips_history(
         lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
     lis.patient()

@@ -232,7 +232,7 @@ class Monitor:
         """Create the state tables and the checkpoint row; recover the paused flag."""
         self.store.create_tables()
         now = self.clock.now()
-        if self.store.checkpoint() is None:
+        if self.store.checkpoint_unset():
             initial = self._initial_checkpoint()
             value = self.store.init_checkpoint(initial, now)
             log.info("checkpoint inicial: LastItemId=%s (INITIAL_ITEM_ID=%s)", value,
@@ -939,8 +939,11 @@ class Monitor:
 
     # --- loop ----------------------------------------------------------------------------------------------------
     def pump(self) -> None:
-        """Between polls: record finished sends and start new ones (lease permitting)."""
+        """Between polls: renew the lease when due, record finished sends, start new ones."""
         if not self._lease_held or self.s.bemsoft_dry_run or self.client is None:
+            return
+        if not self._again_if_dropped(self.hold_lease):
+            self._record_pending()  # answers still count; nothing new is claimed
             return
         self._send(CycleStats(), drain=False)
 
@@ -962,8 +965,10 @@ class Monitor:
                     self.pump()
                 errors_in_row = 0
                 # Answers are recorded here too: a state-store outage must not end the loop.
+                # Woken at least every third of the lease, so it is renewed between polls
+                # however long POLL_SECONDS is.
                 remaining = (next_poll - self.clock.now()).total_seconds()
-                self.wait_for_sends(stop, max(0.01, remaining))
+                self.wait_for_sends(stop, max(0.01, min(remaining, self.s.lease_seconds / 3)))
             except sa.exc.DBAPIError as exc:
                 errors_in_row += 1
                 if not is_outage(exc):

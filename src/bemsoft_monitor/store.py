@@ -136,6 +136,7 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("Outcome", sa.String(32), nullable=True),
         sa.Column("Detail", _LongText, nullable=True),
         sa.Column("ElapsedMs", sa.Integer, nullable=True),
+        sa.Column("Holder", sa.String(200), nullable=True),  # the monitor that sent it
     )
     sa.Table(
         "_MonitorGap", md,
@@ -335,7 +336,13 @@ class StateStore:
         self._stmt_set_items_order = sa.update(i).where(i.c.ItemId.in_(ids)).values(
             State=b("b_state"), UpdatedAt=b("b_ts"), Reason=b("b_reason"),
             OrderId=b("b_order"))
-        self._stmt_claim = sa.update(o).where(o.c.OrderId.in_(ids), o.c.State == ORDER_PENDING)\
+        lt = self.lease
+        # Fenced by the lease: a monitor whose lease expired (or was taken over) claims
+        # nothing, even if it has not noticed yet.
+        lease_held = sa.exists().where(lt.c.Name == LEASE_NAME, lt.c.Holder == b("b_holder"),
+                                       lt.c.ExpiresAt >= b("b_ts3"))
+        self._stmt_claim = sa.update(o).where(o.c.OrderId.in_(ids), o.c.State == ORDER_PENDING,
+                                              lease_held)\
             .values(State=ORDER_SENDING, Holder=b("b_holder"), Attempts=o.c.Attempts + 1,
                     KeyAttempts=o.c.KeyAttempts + 1, UpdatedAt=b("b_ts"),
                     FirstAttemptAt=sa.func.coalesce(o.c.FirstAttemptAt, b("b_ts2")))
@@ -407,12 +414,13 @@ class StateStore:
             self._add_missing_columns(table, inspector)
 
     def _add_missing_columns(self, table: sa.Table, inspector: sa.Inspector) -> None:
-        """Columns a newer version added to an existing table (each has a server default)."""
+        """Columns a newer version added to an existing table (nullable or with a default)."""
         present = {c["name"].lower() for c in inspector.get_columns(table.name,
                                                                       schema=table.schema)}
         preparer = self.engine.dialect.identifier_preparer
         for column in table.columns:
-            if column.name.lower() in present or column.server_default is None:
+            if column.name.lower() in present or (column.server_default is None
+                                                  and not column.nullable):
                 continue
             ddl = sa.schema.CreateColumn(column).compile(dialect=self.engine.dialect)
             with self.engine.begin() as conn:
@@ -436,22 +444,26 @@ class StateStore:
             return None
         return int(row[0]) if row[0] is not None else 0
 
-    def init_checkpoint(self, value: int, now: dt.datetime) -> int:
-        """Create the checkpoint row when absent (a seed row is honoured); return the value."""
-        with self.engine.begin() as conn:
-            existing = self.checkpoint(conn)
-            if existing is not None:
-                if existing == 0 and value and self._row_is_null(conn):
-                    self._set_checkpoint(conn, value, now)
-                    return value
-                return existing
-            conn.execute(sa.insert(self.state).values(
-                Name=CHECKPOINT_NAME, LastItemId=value, UpdatedAt=utc_naive(now)))
-            return value
-
-    def _row_is_null(self, conn: Connection) -> bool:
+    def checkpoint_unset(self) -> bool:
+        """True when there is no checkpoint row, or the seed's row holds a NULL LastItemId."""
         q = sa.select(self.state.c.LastItemId).where(self.state.c.Name == CHECKPOINT_NAME)
-        return conn.execute(q).scalar() is None
+        with self._read() as conn:
+            row = conn.execute(q).first()
+        return row is None or row[0] is None
+
+    def init_checkpoint(self, value: int, now: dt.datetime) -> int:
+        """Set the first checkpoint when unset (a seed row's value is honoured); return it."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(self.state.c.LastItemId).where(
+                self.state.c.Name == CHECKPOINT_NAME)).first()
+            if row is None:
+                conn.execute(sa.insert(self.state).values(
+                    Name=CHECKPOINT_NAME, LastItemId=value, UpdatedAt=utc_naive(now)))
+                return value
+            if row[0] is None:
+                self._set_checkpoint(conn, value, now)
+                return value
+            return int(row[0])
 
     def _set_checkpoint(self, conn: Connection, value: int, now: dt.datetime) -> None:
         conn.execute(sa.update(self.state).where(self.state.c.Name == CHECKPOINT_NAME).values(
@@ -831,14 +843,14 @@ class StateStore:
         claimed: dict[int, OrderRow] = {}
         for chunk in _chunks(order_ids):
             conn.execute(self._stmt_claim, {"b_ids": chunk, "b_holder": holder, "b_ts": ts,
-                                            "b_ts2": ts})
+                                            "b_ts2": ts, "b_ts3": ts})
             for r in conn.execute(self._stmt_claimed, {"b_ids": chunk, "b_holder": holder,
                                                        "b_ts": ts}):
                 claimed[int(r.OrderId)] = _order_row(r)
         if claimed:
             conn.execute(self._stmt_open_attempt, [
-                {"OrderId": row.order_id, "IdempotencyKey": row.key, "StartedAt": ts}
-                for row in claimed.values()])
+                {"OrderId": row.order_id, "IdempotencyKey": row.key, "StartedAt": ts,
+                 "Holder": holder} for row in claimed.values()])
         return [claimed[i] for i in order_ids if i in claimed]
 
     def _order(self, conn: Connection, order_id: int) -> OrderRow | None:
@@ -980,8 +992,9 @@ class StateStore:
             order = self._order(conn, order_id)
             if order is None or order.state not in (ORDER_DEAD, ORDER_CONFERIR):
                 return False
+            # A person sends it again: a fresh retry budget (the history stays in attempts).
             values: dict[str, Any] = {"State": ORDER_PENDING, "NextAttemptAt": ts,
-                                      "FirstAttemptAt": None, "UpdatedAt": ts}
+                                      "FirstAttemptAt": None, "Attempts": 0, "UpdatedAt": ts}
             if new_generation:
                 gen = order.generation + 1
                 values.update(Generation=gen, KeyAttempts=0, KeyAnswered=False,
