@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -13,7 +15,7 @@ from bemsoft_monitor.bemsoft import BemsoftClient
 from bemsoft_monitor.simulator import Simulator
 from bemsoft_monitor.store import StateStore
 
-from .conftest import FakeClock, Lis, drive, make_monitor, make_settings
+from .conftest import POSTGRES_URL, FakeClock, Lis, drive, make_monitor, make_settings
 
 
 def test_requisition_is_delivered_as_one_order_with_exact_payload(
@@ -356,3 +358,53 @@ def test_a_state_store_from_an_older_version_gets_the_new_columns(
     assert (1, 1) in [tuple(r) for r in rows] or (1, 0) in [tuple(r) for r in rows]
     monitor.close()
     engine.dispose()
+
+
+def test_while_the_running_loop_sends_no_transaction_or_lock_is_held_on_postgres(
+        pg_url: str, tmp_path: Path) -> None:
+    """Invariant 2 in the real loop (background sends, real clock), seen by the server."""
+    lis = Lis(pg_url)
+    lis.patient()
+    for req in range(1, 13):
+        lis.requisition(req)
+        lis.item(req, "FE")
+    schema = pg_url.split("search_path%3D", 1)[1]
+    observer = sa.create_engine(POSTGRES_URL)
+    seen: list[int] = []
+
+    lis_tables_sql = ("SELECT l.pid, a.xact_start FROM pg_locks l "
+                      "JOIN pg_class c ON c.oid = l.relation "
+                      "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                      "JOIN pg_stat_activity a ON a.pid = l.pid "
+                      "LEFT JOIN pg_index i ON i.indexrelid = c.oid "
+                      "LEFT JOIN pg_class t ON t.oid = i.indrelid "
+                      "WHERE n.nspname = :s AND l.pid <> pg_backend_pid() "
+                      "AND coalesce(t.relname, c.relname) IN "
+                      "('ItemSol', 'solicitacao', 'paciente', 'texame')")
+
+    def look() -> None:  # runs inside the simulator while a POST is in flight
+        with observer.connect() as conn:
+            posted_at = conn.execute(sa.text("SELECT clock_timestamp()")).scalar()
+            time.sleep(0.3)  # the client is waiting for this answer meanwhile
+            # A LIS transaction that was open before this POST and still is: it spans HTTP.
+            spanning = [r for r in conn.execute(sa.text(lis_tables_sql), {"s": schema})
+                        if r.xact_start is not None and r.xact_start <= posted_at]
+        seen.append(len(spanning))
+
+    with Simulator() as sim:
+        sim.on_post = look
+        settings = make_settings(pg_url, tmp_path, sim, bemsoft_concurrency=4)
+        monitor, _parts = make_monitor(settings)  # real clock: the loop as in production
+        stop = threading.Event()
+        loop = threading.Thread(target=monitor.run, args=(stop,))
+        loop.start()
+        deadline = time.monotonic() + 30
+        while len(sim.saved_tests()) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        loop.join(timeout=30)
+    observer.dispose()
+    lis.dispose()
+    print(f"\ntransações do LIS abertas durante cada POST: {seen}")
+    assert len(sim.saved_tests()) == 12
+    assert seen == [0] * 12

@@ -19,6 +19,7 @@ import struct
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -346,6 +347,9 @@ class Simulator:
         self.port = port
         self.extid_max = extid_max
         self.latency_s = latency_s
+        # Tests: called in the server's thread while a POST /requests is being answered,
+        # i.e. while the client's HTTP call is in flight.
+        self.on_post: Callable[[], None] | None = None
         if catalog is not None:
             tests = list(catalog)
         elif catalog_path is not None:
@@ -498,6 +502,8 @@ class Simulator:
     def _handle_post_requests(
         self, authorization: str | None, key: str | None, raw: bytes
     ) -> _Reply:
+        if self.on_post is not None:
+            self.on_post()
         self._sleep(self.latency_s)
         batch_id, n_tests = _peek_batch(raw)
         fault: dict[str, Any] | None = None
