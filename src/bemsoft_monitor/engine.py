@@ -6,11 +6,13 @@ blocks that never contain an HTTP call (invariant 2).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import datetime as dt
 import json
 import logging
 import os
+import queue
 import threading
 import uuid
 from collections.abc import Callable
@@ -58,6 +60,8 @@ SETTLE_CHUNK = 50  # requisitions re-read and settled per transaction
 MAX_SETTLE_PER_CYCLE = 10_000
 RECORD_BATCH = 200  # answers recorded per transaction
 RECONNECT_REPEATS = 3  # one per engine (LIS, state store) and one to spare
+QUEUE_ROUNDS = 4  # claimed orders waiting for a sending thread, in rounds of concurrency
+READY_ROUNDS = 8  # candidate orders fetched at once, in rounds of BEMSOFT_CONCURRENCY
 WORK_RECHECK_S = 30.0  # idle: outbox re-read at least this often (other processes' changes)
 POLL_FLAG_EVERY_S = 30.0
 
@@ -93,6 +97,9 @@ class CycleStats:
     sent: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     lease_held: bool = True
+    # The cycle stopped at its per-cycle bound with more to read or settle: during a
+    # backlog the next cycle starts at once instead of after POLL_SECONDS.
+    more: bool = False
 
 
 class QuietUntil:
@@ -208,7 +215,17 @@ class Monitor:
         self.holder = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self.breaker = Breaker(interval_s=settings.bemsoft_breaker_seconds)
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._inflight: dict[cf.Future[Outcome], OrderRow] = {}
+        # Sending: each worker sends an order and, while all goes well, goes on with the
+        # next claimed one without waiting for this loop (which records answers and claims
+        # more in batches). ``_sending``: handed to a worker; ``_queued``: claimed, not yet
+        # on the wire (at most BEMSOFT_CONCURRENCY); answers come back through ``_answers``.
+        self._workers: set[cf.Future[None]] = set()
+        self._sending: dict[int, OrderRow] = {}
+        self._queued: collections.deque[OrderRow] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._answers: queue.SimpleQueue[tuple[OrderRow, Outcome]] = queue.SimpleQueue()
+        self._answered = threading.Event()
+        self._chain_ok = False
         self._lease_held = False
         self._lease_wait_logged = False
         self._db_down_since: dt.datetime | None = None
@@ -225,6 +242,7 @@ class Monitor:
         # Idle polls skip the outbox queries while nothing can be due (see QuietUntil).
         self._due_known = QuietUntil()
         self._claim_known = QuietUntil()
+        self._ready: collections.deque[tuple[int, int]] = collections.deque()
         self._recheck_s = min(WORK_RECHECK_S, 6 * settings.poll_seconds)
 
     # --- start / stop ---------------------------------------------------------------------------
@@ -252,27 +270,30 @@ class Monitor:
     def close(self, *, grace_s: float | None = None) -> None:
         """Finish in-flight sends within the grace period, release the rest and the lease."""
         grace = self.s.shutdown_grace_seconds if grace_s is None else grace_s
+        self._chain_ok = False
         try:
-            if self._inflight:
+            self._release_queued()
+            if self._live_workers():
                 log.info("parando: aguardando %d envio(s) em andamento (até %.0f s)",
-                         len(self._inflight), grace)
-                cf.wait(list(self._inflight), timeout=grace)
+                         len(self._sending), grace)
+                cf.wait(list(self._workers), timeout=grace)
             self._record_pending()
-            if self._inflight:
+            if self._sending:
                 # Still on the wire: release them with the same key; a 409 later means
                 # delivered.
                 released = self.store.recover_inflight(now=self.clock.now(),
                                                        holder=self.holder)
                 log.warning("parando: %d envio(s) sem resposta liberado(s) para reenvio com a "
                             "mesma Idempotency-Key", released)
-                self._inflight.clear()
+                self._sending.clear()
         except sa.exc.SQLAlchemyError as exc:
             # The orders stay 'sending' in the store; the next start resends them with the
             # same key, so nothing is lost or duplicated.
             log.error("parando sem gravar %d resultado(s) (banco de estado indisponível: %s); "
                       "serão conferidos na próxima partida", len(self._unrecorded)
-                      + len(self._inflight), _db_reason(exc))
-            self._inflight.clear()
+                      + len(self._sending) + len(self._queued), _db_reason(exc))
+            self._sending.clear()
+            self._queued.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -310,6 +331,9 @@ class Monitor:
             self._lease_wait_logged = False
         if not held and self._lease_held:
             log.error("trava do monitor perdida para %s; envio suspenso", current)
+            self._chain_ok = False
+            self._ready.clear()
+            self._release_queued()
         if not held and not self._lease_wait_logged:
             log.warning("outro monitor está ativo neste banco de estado (%s); aguardando", current)
             self._lease_wait_logged = True
@@ -415,6 +439,10 @@ class Monitor:
                              self._checkpoint)
             if len(ids) < window:
                 break
+            # A backlog takes many windows: record answers and start sends meanwhile.
+            self.pump()
+        else:
+            stats.more = True
         self.last_successful_poll = self.clock.now()
         self.metrics.last_successful_poll.set(self.last_successful_poll.timestamp())
         flag_age = (None if self._poll_flag_at is None
@@ -513,6 +541,7 @@ class Monitor:
                 return
             # A backlog takes many chunks: record answers and start sends meanwhile.
             self.pump()
+        stats.more = True
 
     def _settle_chunk(self, due: list[tuple[int, int]], stats: CycleStats,
                       resolver: Resolver, catalog_retried: bool) -> tuple[Resolver, bool]:
@@ -610,76 +639,165 @@ class Monitor:
             return
         while True:
             self._fill(stats)
-            if not self._inflight:
-                return
+            if not self._live_workers():
+                self._exchange(stats)  # answers that came in since the last look
+                if not self._live_workers() and not self._queued:
+                    return
+                continue
             if not drain:
                 return
-            cf.wait(list(self._inflight), return_when=cf.FIRST_COMPLETED)
+            self._answered.wait(timeout=1.0)
             self._exchange(stats)
             if self._auth_paused is not None:
                 # Paused: let what is on the wire finish, start nothing new.
-                cf.wait(list(self._inflight))
+                cf.wait(list(self._workers))
                 self._exchange(stats, launch=False)
                 return
 
+    @property
+    def sends_in_flight(self) -> int:
+        """Orders handed to a sending thread and not yet answered."""
+        return len(self._sending)
+
     def wait_for_sends(self, stop: threading.Event, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for an in-flight send (or a stop); record what finished."""
-        if not self._inflight:
+        """Wait up to ``timeout_s`` for an answer (or a stop); record what finished."""
+        if not self._live_workers() and self._answers.empty():
             self.clock.wait(stop, timeout_s)
             return
-        cf.wait(list(self._inflight), timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+        self._answered.wait(timeout=timeout_s)
         self._exchange(CycleStats())
 
+    def _live_workers(self) -> int:
+        self._workers = {w for w in self._workers if not w.done()}
+        return len(self._workers)
+
     def _room(self, now: dt.datetime) -> int:
-        """How many sends may start now (concurrency, token pause, circuit breaker)."""
+        """How many orders to claim now (idle workers, the next round, pause, breaker)."""
         if self._auth_paused is not None:
             return 0
-        return self.breaker.allowance(now, self.s.bemsoft_concurrency - len(self._inflight))
+        workers = self.s.bemsoft_concurrency - self._live_workers()
+        # While all goes well, a few rounds of claimed orders wait for the workers, so they
+        # keep sending while this loop reads the LIS or settles; after a failure only idle
+        # workers get orders (the breaker decides).
+        ahead = (self.s.bemsoft_concurrency * QUEUE_ROUNDS - len(self._queued)
+                 if self._chain_ok else 0)
+        return self.breaker.allowance(now, max(0, workers - len(self._queued)) + max(0, ahead))
 
     def _candidates(self, now: dt.datetime, room: int) -> list[int]:
-        """Pending orders that may be claimed now (at most ``room``)."""
-        if room <= 0 or self._claim_known.quiet(self.store.work_version, now):
+        """Pending orders that may be claimed now (at most ``room``).
+
+        During a backlog one query fetches the next few rounds of candidates
+        (``READY_ROUNDS`` × concurrency); they are claimed from memory until used up. A
+        stale one costs nothing: the claim only takes orders still pending.
+        """
+        if room <= 0:
             return []
-        version = self.store.work_version
-        busy = {o.requisition_id for o in self._inflight.values()}
-        candidates = self.store.claimable_orders(now=now, limit=room * 4,
-                                                 exclude_requisitions=busy)
-        if not candidates:
-            self._claim_known.remember(version, now, self.store.next_attempt_at(),
-                                       self._recheck_s)
-        return candidates[:room]
+        with self._queue_lock:  # workers move orders from the queue to _sending
+            busy = {o.requisition_id for o in self._sending.values()}
+            busy.update(o.requisition_id for o in self._queued)
+        if not self._ready:
+            if self._claim_known.quiet(self.store.work_version, now):
+                return []
+            version = self.store.work_version
+            fetched = self.store.claimable_orders(
+                now=now, limit=max(room, self.s.bemsoft_concurrency) * READY_ROUNDS,
+                exclude_requisitions=busy)
+            if not fetched:
+                self._claim_known.remember(version, now, self.store.next_attempt_at(),
+                                           self._recheck_s)
+                return []
+            self._ready.extend(fetched)
+        out: list[int] = []
+        while self._ready and len(out) < room:
+            order_id, req_id = self._ready.popleft()
+            if req_id in busy:
+                continue  # still pending: a later query brings it back
+            busy.add(req_id)
+            out.append(order_id)
+        return out
 
     def _launch(self, orders: list[OrderRow], now: dt.datetime, stats: CycleStats) -> None:
+        """Queue claimed orders and start a worker for each idle slot."""
         assert self.client is not None
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max_workers=self.s.bemsoft_concurrency,
                                                thread_name_prefix="envio")
-        debug = log.isEnabledFor(logging.DEBUG)
-        for order in orders:
+        with self._queue_lock:
+            self._queued.extend(orders)
+        stats.sent += len(orders)
+        idle = self.s.bemsoft_concurrency - self._live_workers()
+        while idle > 0:
+            first = self._take_queued(force=True)
+            if first is None:
+                break
             self.breaker.started(now)
-            if debug:
-                log.debug("enviando pedido %s (solicitação %s, chave %s): %s", order.order_id,
-                          order.requisition_id, order.key,
-                          json.dumps(order.payload, ensure_ascii=False))
-            future = self._pool.submit(self.client.post_order, order.payload, key=order.key)
-            self._inflight[future] = order
-            stats.sent += 1
+            self._workers.add(self._pool.submit(self._work, first))
+            idle -= 1
+
+    def _take_queued(self, *, force: bool = False) -> OrderRow | None:
+        """The next claimed order for a worker (None: none, or chaining is stopped)."""
+        if not force and not self._chain_ok:
+            return None
+        with self._queue_lock:
+            if not self._queued:
+                return None
+            order = self._queued.popleft()
+            self._sending[order.order_id] = order
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("enviando pedido %s (solicitação %s, chave %s): %s", order.order_id,
+                      order.requisition_id, order.key,
+                      json.dumps(order.payload, ensure_ascii=False))
+        return order
+
+    def _work(self, order: OrderRow | None) -> None:
+        """A sending thread: this order, then the next claimed ones while answers are good."""
+        assert self.client is not None
+        while order is not None:
+            try:
+                outcome = self.client.post_order(order.payload, key=order.key)
+            except Exception as exc:  # noqa: BLE001 - a send must never crash the loop
+                outcome = Outcome(Kind.NO_ANSWER, None, f"erro inesperado no envio: {exc!r}")
+            self._answers.put((order, outcome))
+            self._answered.set()
+            if outcome.kind not in (Kind.DELIVERED, Kind.ALREADY):
+                return  # the loop decides what comes next (pause, breaker, backoff)
+            order = self._take_queued()
+
+    def _release_queued(self) -> None:
+        """Give claimed orders that never went on the wire back to the queue, untouched."""
+        with self._queue_lock:
+            orders = list(self._queued)
+            self._queued.clear()
+        if orders:
+            self.store.release_claims([o.order_id for o in orders], holder=self.holder)
 
     def _fill(self, stats: CycleStats) -> None:
         """Claim and start as many sends as there is room for."""
         now = self.clock.now()
+        self._update_chain()
         ids = self._candidates(now, self._room(now))
         if ids:
             self._launch(self.store.claim_many(ids, holder=self.holder, now=now), now, stats)
+        elif self._queued:
+            self._launch([], now, stats)  # idle workers take what is already claimed
+
+    def _update_chain(self) -> None:
+        """Workers chain orders only while sending is healthy; otherwise claims go back."""
+        ok = self._auth_paused is None and not self.breaker.is_open and self._lease_held
+        self._chain_ok = ok
+        if not ok and self._queued:
+            self._release_queued()
 
     def _harvest(self, stats: CycleStats | None = None) -> None:
         """Move finished sends' answers to the queue of answers to record."""
-        for future in [f for f in self._inflight if f.done()]:
-            order = self._inflight.pop(future)
+        self._answered.clear()
+        while True:
             try:
-                outcome = future.result()
-            except Exception as exc:  # noqa: BLE001 - a send must never crash the loop
-                outcome = Outcome(Kind.NO_ANSWER, None, f"erro inesperado no envio: {exc!r}")
+                order, outcome = self._answers.get_nowait()
+            except queue.Empty:
+                break
+            with self._queue_lock:
+                self._sending.pop(order.order_id, None)
             self._unrecorded.append((order, outcome))
             if stats is not None:
                 stats.outcomes[outcome.kind.value] = stats.outcomes.get(outcome.kind.value, 0) + 1
@@ -700,6 +818,7 @@ class Monitor:
                 ids = self._candidates(now, self._room(now))
             _states, claimed = self._commit_answers(batch, now, claim_ids=ids)
             del self._unrecorded[:len(batch)]
+            self._update_chain()
             if claimed:
                 self._launch(claimed, now, stats)
 
@@ -957,7 +1076,8 @@ class Monitor:
                     self.start()
                 if self.clock.now() >= next_poll:
                     stats = self.cycle(drain=False)
-                    next_poll = self.clock.now() + dt.timedelta(seconds=self.s.poll_seconds)
+                    next_poll = self.clock.now() + dt.timedelta(
+                        seconds=0 if stats.more else self.s.poll_seconds)
                     if not stats.lease_held:
                         self.clock.wait(stop, min(self.s.poll_seconds, self.s.lease_seconds / 3))
                         continue

@@ -803,8 +803,8 @@ class StateStore:
         return len(ids)
 
     def claimable_orders(self, *, now: dt.datetime, limit: int,
-                         exclude_requisitions: Iterable[int] = ()) -> list[int]:
-        """Pending orders due now that are the first unfinished order of their requisition.
+                         exclude_requisitions: Iterable[int] = ()) -> list[tuple[int, int]]:
+        """(order, requisition) of pending orders due now, first unfinished of their requisition.
 
         Two plain index lookups rather than one correlated NOT EXISTS: after a backlog
         arrives, PostgreSQL's statistics lag and its plan for the subquery turned
@@ -823,7 +823,7 @@ class StateStore:
             first = {int(r.RequisitionId): int(r.Seq)
                      for r in conn.execute(self._stmt_first_unfinished,
                                            {"b_reqs": list(due)})}
-            return [order for req, (order, seq) in due.items() if first.get(req) == seq]
+            return [(order, req) for req, (order, seq) in due.items() if first.get(req) == seq]
 
     def claim(self, order_id: int, *, holder: str, now: dt.datetime) -> OrderRow | None:
         """Mark one pending order as being sent (attempt recorded first); None if taken."""
@@ -852,6 +852,28 @@ class StateStore:
                 {"OrderId": row.order_id, "IdempotencyKey": row.key, "StartedAt": ts,
                  "Holder": holder} for row in claimed.values()])
         return [claimed[i] for i in order_ids if i in claimed]
+
+    def release_claims(self, order_ids: Sequence[int], *, holder: str) -> int:
+        """Claimed orders that never went on the wire: pending again as before the claim.
+
+        Same key, one attempt less, no attempt row; only while still claimed by ``holder``.
+        """
+        o, a = self.orders, self.attempts
+        released = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(order_ids)):
+                res = conn.execute(sa.update(o).where(
+                    o.c.OrderId.in_(chunk), o.c.State == ORDER_SENDING, o.c.Holder == holder)
+                    .values(State=ORDER_PENDING, Holder=None,
+                            Attempts=o.c.Attempts - 1, KeyAttempts=o.c.KeyAttempts - 1,
+                            # SET reads the row as it was: Attempts is still the claimed one.
+                            FirstAttemptAt=sa.case((o.c.Attempts == 1, sa.null()),
+                                                   else_=o.c.FirstAttemptAt)))
+                released += int(res.rowcount or 0)
+                conn.execute(sa.delete(a).where(a.c.OrderId.in_(chunk), a.c.FinishedAt.is_(None),
+                                                a.c.Holder == holder))
+        self.work_version += 1
+        return released
 
     def _order(self, conn: Connection, order_id: int) -> OrderRow | None:
         r = conn.execute(sa.select(self.orders).where(self.orders.c.OrderId == order_id)).first()
