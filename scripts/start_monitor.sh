@@ -26,6 +26,8 @@ else
     PYTHON="python3"
 fi
 
+# Logs and PID files only for this user: the log may hold patient data (masked) and paths.
+umask 077
 mkdir -p logs run
 
 if [ -f "$PID_FILE" ]; then
@@ -38,8 +40,13 @@ if [ -f "$PID_FILE" ]; then
     rm -f "$PID_FILE"
 fi
 
-LOG_OFFSET="$(wc -c <"$LOG_FILE" 2>/dev/null || echo 0)"
+# Where this start's lines begin (the log may not exist yet on a first run).
+LOG_OFFSET=0
+if [ -f "$LOG_FILE" ]; then
+    LOG_OFFSET="$(wc -c <"$LOG_FILE" | tr -d ' ')"
+fi
 echo "---- $(date '+%Y-%m-%d %H:%M:%S') iniciando $NAME ($PYTHON $ENTRY $*) ----" >>"$LOG_FILE"
+chmod 600 "$LOG_FILE" 2>/dev/null || true  # also a log created before this version
 PYTHONUNBUFFERED=1 nohup "$PYTHON" "$ENTRY" "$@" >>"$LOG_FILE" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$PID_FILE"

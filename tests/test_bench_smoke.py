@@ -39,7 +39,8 @@ def test_bench_quick_writes_json_and_markdown_with_every_scenario(tmp_path: Path
     assert memory["items_ingested"] == memory["backlog_items"]
     assert memory["peak_rss_mb"] > 10
     if data["postgres_problem"] is None:
-        assert data["plan"]["caught_up"]["uses_pkey_index"]
+        assert data["plan"]["caught_up_ids"]["uses_pkey_index"]
+        assert data["plan"]["caught_up_items"]["uses_pkey_index"]
     md = out_md.read_text(encoding="utf-8")
     for heading in ("## Máquina", "## Metas", "## 1. Esvaziar a fila", "## 2. Regime contínuo",
                     "## 3. Ocioso", "## 4. Memória", "original (1)"):

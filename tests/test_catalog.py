@@ -368,6 +368,25 @@ def test_variant_policy_first_takes_the_first_variant() -> None:
     assert (res.status, res.specimen_id) == ("ok", "PLASMA")
 
 
+def test_policy_first_never_overrides_a_material_hint_that_matches_nothing(
+        tmp_path: Path) -> None:
+    """``first`` is for exams without any hint: a wrong hint is refused, never guessed."""
+    materials = tmp_path / "materiais.csv"
+    resolver = Resolver(catalog=_catalog(), test_map={}, material_map={"gli": "Sangue"},
+                        code_source="convexames", variant_policy="first", dry_run=False,
+                        material_map_path=materials)
+    res = resolver.resolve(_item("GLI"))
+    assert (res.status, res.test_id, res.specimen_id) == ("ambiguous", None, None)
+    assert res.refusal is not None
+    assert '"Sangue"' in res.refusal  # the hint
+    assert "PLASMA (Plasma fluoretado), URINA (Urina)" in res.refusal  # the variants
+    assert f"{materials} (BEMSOFT_MATERIAL_MAP_PATH)" in res.refusal  # the file
+    assert "BEMSOFT_VARIANT_POLICY=first não se aplica" in res.refusal
+    # The same policy still picks the first tube when nothing was indicated for the exam.
+    without_hint = _resolver(variant_policy="first", material_map={"fe": "Soro"})
+    assert without_hint.resolve(_item("GLI")).specimen_id == "PLASMA"
+
+
 def test_no_catalogue_in_dry_run_uses_the_dummy_specimen() -> None:
     res = _resolver(no_catalog=True, dry_run=True).resolve(_item(" fe"))
     assert (res.status, res.test_id, res.specimen_id) == ("ok", "FE", SPECIMEN_DUMMY)

@@ -275,3 +275,90 @@ def test_catalog_sync_accepts_a_much_smaller_catalogue_and_shows_what_left(
     assert f"0 novo(s), {before - 10} removido(s)" in res.stdout.replace("\n", " ")
     saved = json.loads((demo / "catalogo_bemsoft.json").read_text(encoding="utf-8"))
     assert len(saved["tests"]) == 10
+
+
+# --- what a person reads when something is wrong -----------------------------------------------
+
+ENGLISH = ("HTTPConnectionPool", "Max retries", "Caused by", "Errno", "Connection refused",
+           "File exists", "Not a directory", "Expecting")
+
+
+def test_a_sync_with_bemsoft_down_says_why_once_in_portuguese(demo: Path) -> None:
+    url = closed_port_url()
+    res = cli(demo, "catalog", "sync", base_url=url)
+    assert res.returncode == 1
+    where = url.removeprefix("http://")
+    said = [line for line in (res.stdout + res.stderr).splitlines()
+            if f"conexão recusada por {where}" in line]
+    assert len(said) == 1, res.stdout + res.stderr  # not a log line and a ✗ line
+    assert said[0].startswith("✗ falha ao atualizar o catálogo /tests: Bemsoft inacessível")
+    for english in ENGLISH:
+        assert english not in res.stdout + res.stderr, english
+
+    check = cli(demo, "mapping", "check", base_url=url)
+    assert check.returncode == 1
+    said = [line for line in (check.stdout + check.stderr).splitlines()
+            if f"conexão recusada por {where}" in line]
+    assert len(said) == 1 and said[0].startswith("! falha ao atualizar o catálogo"), said
+
+
+def test_mapping_check_csv_under_a_file_is_one_portuguese_line(demo: Path, sim: Simulator) -> None:
+    blocker = demo / "relatorios"
+    blocker.write_text("não é uma pasta", encoding="utf-8")
+    res = cli(demo, "mapping", "check", "--csv", str(blocker / "mapeamento.csv"),
+              base_url=sim.url)
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if line.startswith("✗")]
+    assert lines == [f"✗ não foi possível gravar o relatório {blocker / 'mapeamento.csv'} (já "
+                     "existe um arquivo com esse nome onde deveria haver uma pasta: "
+                     f"{blocker}); confira o caminho"], res.stderr
+    assert "Excel" not in res.stderr  # only a Windows sharing/permission error suggests it
+    for english in ENGLISH:
+        assert english not in res.stderr, english
+
+
+def bare_cli(folder: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in ``folder`` with no .env and only ``env_vars`` of the monitor's settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BEMSOFT_", "DB_", "LOG_", "TERCEIRO", "STATE_"))}
+    env.update(env_vars, COLUMNS="250", PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, "-m", "bemsoft_monitor", *args], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_catalog_commands_need_only_bemsoft_settings_or_the_saved_copy(
+        tmp_path: Path, sim: Simulator) -> None:
+    assert not (tmp_path / ".env").exists()
+    none = bare_cli(tmp_path, "catalog", "search", "glicose")
+    assert none.returncode == 2
+    assert none.stderr.strip() == (
+        "✗ BEMSOFT_TOKEN: ausente; não há cópia local do catálogo em "
+        "completo/catalogo_bemsoft.json e é preciso baixá-lo de GET /tests (informe-o no .env "
+        "ou como variável de ambiente)")
+
+    synced = bare_cli(tmp_path, "catalog", "sync", BEMSOFT_BASE_URL=sim.url,
+                      BEMSOFT_TOKEN=sim.token)
+    assert synced.returncode == 0, synced.stderr
+    assert (tmp_path / "completo" / "catalogo_bemsoft.json").is_file()
+
+    # No .env, no variable at all: the saved copy is enough to look things up.
+    found = bare_cli(tmp_path, "catalog", "search", "glicose")
+    assert found.returncode == 0, found.stderr
+    assert "PLASMA" in found.stdout and "URINA" in found.stdout
+    shown = bare_cli(tmp_path, "catalog", "show", "FE")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "SORO" in shown.stdout
+    for proc in (found, shown, synced):
+        for name in ("DB_SERVER", "DB_NAME", "TERCEIROS"):
+            assert name not in proc.stdout + proc.stderr
+
+
+def test_check_without_any_env_file_says_where_it_looked(tmp_path: Path) -> None:
+    proc = bare_cli(tmp_path, "check")
+    assert proc.returncode == 3
+    first = proc.stdout.splitlines()[0]
+    assert first == (f"✗ configuração: nenhum arquivo .env encontrado (procurado em: {tmp_path})"
+                     " → copie .env.example para .env na pasta do programa e preencha")
+    run = bare_cli(tmp_path, "run", "--once")
+    assert run.returncode == 2
+    assert f"nenhum arquivo .env encontrado (procurado em: {tmp_path})" in run.stderr

@@ -85,7 +85,8 @@ def test_click_fixed_words_in_option_help_are_translated() -> None:
     (("retry", "--nao-existe"), "opção desconhecida: --nao-existe"),
     (("status", "--json", "demais"), "argumento a mais: demais"),
     (("retri",), "comando desconhecido: retri (quis dizer retry?)"),
-    (("catalog", "search"), "falta o argumento"),
+    (("catalog", "search"), "falta o argumento TEXTO;"),
+    (("catalog", "show"), "falta o argumento CODIGO;"),
     (("simulator", "--latency", "rapido"), "'rapido' não é um número"),
 ])
 def test_a_command_line_mistake_is_one_portuguese_line_and_exit_2(
@@ -215,13 +216,17 @@ def check_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
 
 def test_check_names_an_unreachable_bemsoft_and_exits_3(tmp_path: Path, sim: Simulator) -> None:
     settings = demo(tmp_path, sim)
-    write_env(tmp_path, settings, BEMSOFT_BASE_URL=f"http://127.0.0.1:{free_port()}")
+    port = free_port()
+    write_env(tmp_path, settings, BEMSOFT_BASE_URL=f"http://127.0.0.1:{port}")
     proc = run_cli(tmp_path, "check")
     assert proc.returncode == 3
     lines = check_lines(proc)
     bad = [line for line in lines if line.startswith("✗")]
     assert len(bad) == 1 and bad[0].startswith("✗ Bemsoft acessível:"), proc.stdout
     assert "→ confira BEMSOFT_BASE_URL" in bad[0]
+    assert f"/tests: conexão recusada por 127.0.0.1:{port} →" in bad[0], bad[0]
+    for english in ("HTTPConnectionPool", "Max retries", "Errno", "Connection refused"):
+        assert english not in proc.stdout, english
     assert "– token: não verificado (Bemsoft inacessível)" in lines
     assert any(line.startswith("✓ banco do LIS acessível") for line in lines)
     assert sim.token not in proc.stdout + proc.stderr
@@ -335,3 +340,111 @@ def test_python_warnings_go_through_the_log_in_portuguese_lines(tmp_path: Path) 
     assert "Unverified HTTPS" not in proc.stderr
     assert " AVISO " in lines[0] and "biblioteca avisou" in lines[0], proc.stderr
     assert "tok-SEGREDO-42" not in proc.stderr
+
+
+# --- retry: what it says about keys, answers and order -----------------------------------------
+
+
+def test_retry_dry_run_shows_the_key_it_would_use_and_why_it_is_not_the_files(
+        tmp_path: Path, sim: Simulator) -> None:
+    settings, files = dead_letter_demo(tmp_path, sim)
+    event = json.loads(files[0].read_text(encoding="utf-8"))["event"]
+    store = store_of(settings)
+    key_now = store.get_order(int(event["orderId"])).key
+    store.dispose()
+    # HTTP 400 means nothing was saved: the order moved on to a new key generation.
+    assert key_now != event["idempotencyKey"]
+    dry = run_cli(tmp_path, "retry", "--file", str(files[0]), "--verbose")
+    assert dry.returncode == 0, dry.stderr
+    text = " ".join(dry.stdout.split())
+    assert (f"seria reenviado com a Idempotency-Key {key_now}, não a "
+            f"{event['idempotencyKey']} do arquivo: a Bemsoft respondeu que nada foi salvo") \
+        in text, text
+    assert f"Idempotency-Key: {key_now}" in dry.stdout  # --verbose shows that same key
+    assert "Idempotency-Key registrada" not in dry.stdout
+    sent = run_cli(tmp_path, "retry", "--file", str(files[0]), "--send")
+    assert sent.returncode == 0 and sim.calls()[-1]["key"] == key_now
+
+
+def test_retry_verbose_names_the_answer_in_portuguese(tmp_path: Path, sim: Simulator) -> None:
+    _settings, files = dead_letter_demo(tmp_path, sim)
+    sim.set_faults([{"kind": "status", "status": 400}])
+    proc = run_cli(tmp_path, "retry", "--file", str(files[0]), "--send", "--verbose")
+    assert proc.returncode == 1
+    assert "resposta: HTTP 400 (recusado pela Bemsoft) em " in proc.stdout, proc.stdout
+    for english in ("(rejected)", "(delivered)", "(no_answer)"):
+        assert english not in proc.stdout
+
+
+def test_retry_limit_takes_the_oldest_by_time_not_by_name(tmp_path: Path, sim: Simulator) -> None:
+    _settings, files = dead_letter_demo(tmp_path, sim)
+    payload = json.loads(files[0].read_text(encoding="utf-8"))["event"]["payload"]
+    folder = tmp_path / "lote"
+    folder.mkdir()
+
+    def write(name: str, external_id: str, mtime: float | None = None) -> None:
+        body = dict(payload, batch=dict(payload["batch"], externalId=external_id))
+        path = folder / name
+        path.write_text(json.dumps({"reason": "x", "event": {"payload": body}}),
+                        encoding="utf-8")
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+
+    write("20240102T000000Z_1.json", "EXT-A")  # failed on 2 Jan 2024 (time in the name)
+    write("aa_recente.json", "EXT-B")  # no time in the name: now, by its modification time
+    write("zz_antigo.json", "EXT-C", mtime=dt.datetime(2023, 6, 1).timestamp())
+    proc = run_cli(tmp_path, "retry", "--dir", str(folder), "--limit", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "zz_antigo.json" in proc.stdout and "20240102T000000Z_1.json" in proc.stdout
+    assert "aa_recente.json" not in proc.stdout
+    assert proc.stdout.index("zz_antigo.json") < proc.stdout.index("20240102T000000Z_1.json")
+    page = " ".join(run_cli(tmp_path, "retry", "--help").stdout.split())
+    assert "os mais antigos primeiro (pela data no nome do arquivo ou, sem ela, pela data de " \
+           "modificação)" in page
+
+
+def test_retry_of_many_files_shows_a_progress_bar_then_the_summary(
+        tmp_path: Path, sim: Simulator) -> None:
+    settings, files = dead_letter_demo(tmp_path, sim)
+    failed = Path(settings.failed_dir)
+    for i in range(25):
+        shutil.copy(files[0], failed / f"copia_{i:02d}.json")
+    env = {k: v for k, v in os.environ.items() if k != "BEMSOFT_ENV_FILE"}
+    # Rich draws the bar only on a terminal: these say stderr is one (as in a console window).
+    env.update(COLUMNS="200", TTY_COMPATIBLE="1", TTY_INTERACTIVE="1")
+    proc = subprocess.run([sys.executable, "-m", "bemsoft_monitor", "retry"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Analisando" in proc.stderr and "27/27" in proc.stderr, proc.stderr
+    assert "Arquivos processados" in proc.stdout
+    total = next(line for line in proc.stdout.splitlines() if "total" in line)
+    assert "27" in total
+    assert proc.stdout.count("enviaria") >= 27  # one table row per file, not per line
+
+
+# --- status after a real run with failures ---------------------------------------------------
+
+
+def test_status_counts_dead_letters_conferir_and_the_oldest_waiting(
+        tmp_path: Path, sim: Simulator) -> None:
+    # First answer 400 (FAILED_DIR), second 409 with no earlier attempt (conferir), third
+    # 429 asking to wait an hour (still waiting when status runs).
+    settings = demo(tmp_path, sim, faults=[
+        {"kind": "status", "status": 400}, {"kind": "status", "status": 409},
+        {"kind": "429", "retry_after": 3600}])
+    proc = run_cli(tmp_path, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["dead_letters"] == data["orders"]["dead"] == 1
+    assert data["conferir"] == data["orders"]["conferir"] == 1
+    assert data["orders"]["pending"] >= 1
+    assert data["failed_files"] == len(list(Path(settings.failed_dir).glob("*.json"))) >= 1
+    assert data["oldest_waiting_age_s"] is not None and 0 <= data["oldest_waiting_age_s"] < 600
+    table = run_cli(tmp_path, "status")
+    assert table.returncode == 0
+    row = next(line for line in table.stdout.splitlines() if "Mais antigo na fila" in line)
+    assert row.rstrip(" │").endswith(" s"), row
+    failed = next(line for line in table.stdout.splitlines() if "Falhas (FAILED_DIR)" in line)
+    assert f"1 pedido(s); {data['failed_files']} arquivo(s)" in failed
+    assert "1 pedido(s)" in next(line for line in table.stdout.splitlines()
+                                 if "Recusados / conferir" in line)

@@ -101,6 +101,8 @@ def test_log_folder_that_cannot_be_created_is_one_line_and_exit_2(tmp_path: Path
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("✗ LOG_FILE:"), proc.stderr
+    assert "uma parte do caminho é um arquivo, não uma pasta" in lines[0]
+    assert "Not a directory" not in lines[0] and "Errno" not in lines[0]
     assert sim.saved_tests() == []  # nothing ran
 
 
@@ -112,6 +114,11 @@ def test_failed_dir_not_writable_is_one_line_and_exit_2(tmp_path: Path, sim: Sim
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("✗ FAILED_DIR:"), proc.stderr
+    # Python's English ("Not a directory", "File exists") never reaches the person.
+    assert "uma parte do caminho é um arquivo, não uma pasta" in lines[0]
+    assert "confira o caminho ou aponte FAILED_DIR para outra pasta" in lines[0]
+    for english in ("Not a directory", "File exists", "Errno"):
+        assert english not in lines[0], lines[0]
 
 
 def test_failed_dir_and_its_files_are_owner_only(tmp_path: Path, sim: Simulator) -> None:

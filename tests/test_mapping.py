@@ -130,3 +130,19 @@ def test_distinct_codes_query_reads_only_configured_labs_and_the_period(tmp_path
     assert {u.key for u in every} == {"fe", "old"}
     engine.dispose()
     lis.dispose()
+
+
+def test_a_hint_matching_no_variant_is_a_problem_even_with_policy_first(tmp_path: Path) -> None:
+    materials = tmp_path / "materiais.csv"
+    resolver = _resolver(_catalog(8), variant_policy="first", material_map={"T0004": "Sangue"},
+                         material_map_path=materials)
+    reports = check_codes([CodeUsage(code="T0004", items=3), CodeUsage(code="T0000", items=1)],
+                          resolver, files=MapFiles(material_map=materials))
+    by_code = {r.usage.code: r for r in reports}
+    assert by_code["T0004"].status == "ambiguous" and not by_code["T0004"].ok
+    assert '"Sangue"' in by_code["T0004"].fix and str(materials) in by_code["T0004"].fix
+    assert "SORO" in by_code["T0004"].fix and "URINA" in by_code["T0004"].fix
+    assert has_problems(reports)
+    # Without a hint, policy first still sends the first variant (and says so).
+    assert by_code["T0000"].status == "ok" and "BEMSOFT_VARIANT_POLICY=first" in \
+        by_code["T0000"].detail

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import os
 import shutil
@@ -55,7 +57,7 @@ def run_cli(folder: Path, *args: str, timeout: float = 120) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if k != "BEMSOFT_ENV_FILE"}
     env.update(PYTHONUNBUFFERED="1", COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "bemsoft_monitor", *args], cwd=folder,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def demo(folder: Path, sim: Simulator, faults: list[dict[str, Any]] | None = None) -> Settings:
@@ -171,6 +173,33 @@ def test_retry_refused_delivers_the_glicose_once_the_material_map_is_fixed(
     assert "Ainda recusados (3)" in sent.stdout  # the others still need a person
 
 
+def report_rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")),
+                               delimiter=";"))
+
+
+def test_refused_report_names_an_item_again_only_when_its_reason_changes(
+        tmp_path: Path, sim: Simulator) -> None:
+    settings = demo(tmp_path, sim)
+    report = Path(settings.refused_report)
+    first = report_rows(report)
+    assert first and len({r["item"] for r in first}) == len(first)
+    for _ in range(2):
+        proc = run_cli(tmp_path, "retry", "--refused", "--send")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Ainda recusados" in proc.stdout
+    assert report_rows(report) == first  # refused again for the same reasons: nothing new
+
+    # A material that matches no variant changes the GLICOSE's reason: one new line, once.
+    with (tmp_path / "materiais.csv").open("a", encoding="utf-8") as fh:
+        fh.write("GLI;Sangue\n")
+    for _ in range(2):
+        assert run_cli(tmp_path, "retry", "--refused", "--send").returncode == 0
+    after = report_rows(report)
+    assert after[:len(first)] == first and len(after) == len(first) + 1
+    assert after[-1]["item"] == str(GLI_ITEM) and '"Sangue"' in after[-1]["motivo"]
+
+
 # --- retry of FAILED_DIR files -------------------------------------------------------------
 
 
@@ -247,6 +276,10 @@ def test_retry_reports_and_skips_corrupted_and_foreign_files(tmp_path: Path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ignorado") >= 4
     assert "JSON inválido" in proc.stdout and "UTF-8" in proc.stdout
+    # Where and why in Portuguese; never the decoder's English.
+    assert "0_truncado.json (solicitação ?): JSON inválido na linha 1, coluna 27 (o conteúdo " \
+           "termina no meio (arquivo cortado?)); arquivo ignorado" in proc.stdout
+    assert "Expecting" not in proc.stdout
     assert "entregue" in proc.stdout
     assert posts(sim) >= 2  # the two real events still went out
     assert (failed / "0_truncado.json").exists()  # never deleted or moved
@@ -312,7 +345,7 @@ def test_retry_failed_py_script_is_the_retry_command(tmp_path: Path, sim: Simula
     env = {k: v for k, v in os.environ.items() if k != "BEMSOFT_ENV_FILE"}
     env["COLUMNS"] = "200"
     proc = subprocess.run([sys.executable, str(script), "--limit", "1"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "enviaria" in proc.stdout and "total" in proc.stdout
 
@@ -340,7 +373,7 @@ def test_check_passes_on_the_demo_with_one_line_per_check(tmp_path: Path, sim: S
 
 def test_check_names_a_refused_token_and_exits_3(tmp_path: Path, sim: Simulator) -> None:
     settings = demo(tmp_path, sim)
-    write_env(tmp_path, settings, BEMSOFT_TOKEN="token-errado-123")
+    write_env(tmp_path, settings, BEMSOFT_TOKEN="token-errado-123")  # noqa: S106 - test value
     proc = run_cli(tmp_path, "check")
     assert proc.returncode == 3
     bad = [line for line in check_lines(proc) if line.startswith("✗")]
@@ -390,6 +423,8 @@ def test_check_with_a_failed_dir_that_cannot_be_written(tmp_path: Path, sim: Sim
     assert proc.returncode == 3
     bad = [line for line in check_lines(proc) if line.startswith("✗")]
     assert len(bad) == 1 and "FAILED_DIR" in bad[0] and "falhas" in bad[0]
+    assert "uma parte do caminho é um arquivo, não uma pasta" in bad[0], bad[0]
+    assert "Not a directory" not in bad[0] and "File exists" not in bad[0]
 
 
 def test_env_file_with_bom_and_crlf_works(tmp_path: Path, sim: Simulator) -> None:
@@ -441,7 +476,7 @@ class _TlsFront:
         backend = sim.url
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:  # http.server's naming
                 resp = requests.get(backend + self.path, timeout=10, headers={
                     "Authorization": self.headers.get("Authorization", "")})
                 self.send_response(resp.status_code)

@@ -16,6 +16,7 @@ def test_poll_query_uses_the_coditemsol_index_on_a_million_rows(pg_url: str) -> 
         with engine.connect() as conn:
             pkey = conn.execute(sa.text(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'ItemSol' "
+                "AND schemaname = current_schema() "
                 "AND indexdef LIKE '%UNIQUE%(\"CodItemSol\")%'")).scalar_one()
         # The monitor is caught up: its checkpoint sits just below the newest items.
         for name, sql in poll_query_sql(after_id=ROWS - 2_000).items():

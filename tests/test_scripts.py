@@ -54,7 +54,7 @@ def sh(root: Path, script: str, *args: str, cwd: Path | None = None,
     env = {k: v for k, v in os.environ.items() if k != "BEMSOFT_ENV_FILE"}
     env["BEMSOFT_STOP_TIMEOUT_S"] = "20"
     return subprocess.run(["bash", str(root / "scripts" / script), *args], cwd=cwd or root,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def alive(pid: int) -> bool:
@@ -74,6 +74,22 @@ def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyp
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_first_start_on_a_fresh_copy_is_silent_and_logs_are_owner_only(project: Path) -> None:
+    assert not (project / "logs").exists()  # a fresh copy: no log yet
+    for start, stop, log in (("start_monitor.sh", "stop_monitor.sh", "monitor.log"),
+                             ("start_retry.sh", "stop_retry.sh", "retry.log")):
+        proc = sh(project, start)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stderr == "", proc.stderr  # no "No such file or directory" from the shell
+        assert mode(project / "logs" / log) == 0o600
+        assert sh(project, stop).returncode == 0
+    assert mode(project / "logs") == 0o700 and mode(project / "run") == 0o700
 
 
 def test_stop_when_nothing_is_running(project: Path) -> None:
@@ -158,7 +174,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit.write_text(text.replace("/opt/bemsoft-monitor/.venv/bin/bemsoft-monitor",
                                  sys.executable), encoding="utf-8")
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
     problems = [line for line in (proc.stdout + proc.stderr).splitlines()
                 if "bemsoft-monitor.service" in line]
     assert proc.returncode == 0 and not problems, proc.stdout + proc.stderr

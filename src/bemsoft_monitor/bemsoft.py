@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import errno
+import http.client
 import json
+import re
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from . import __version__
 from .backoff import parse_retry_after
@@ -85,7 +92,9 @@ def _api_message(body: Any, text: str) -> str:
     return text[:300] if text else "(corpo vazio)"
 
 
-def classify(status: int, headers: Any, text: str, *, now: dt.datetime) -> tuple[Kind, str, float | None]:
+def classify(
+    status: int, headers: Any, text: str, *, now: dt.datetime
+) -> tuple[Kind, str, float | None]:
     """Map an HTTP answer to (kind, Portuguese message, retry-after seconds)."""
     body: Any = None
     parsed = False
@@ -135,7 +144,8 @@ def classify(status: int, headers: Any, text: str, *, now: dt.datetime) -> tuple
         return Kind.RATE_LIMITED, f"HTTP 429: limite de requisições ({message})", retry_after
     if status >= 500:
         retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
-        return Kind.SERVER_ERROR, f"HTTP {status}: erro no servidor da Bemsoft ({message})", retry_after
+        return (Kind.SERVER_ERROR, f"HTTP {status}: erro no servidor da Bemsoft ({message})",
+                retry_after)
     return Kind.REJECTED, f"HTTP {status}: pedido recusado pela Bemsoft: {message}", None
 
 
@@ -179,6 +189,17 @@ class BemsoftClient:
     def _scrub(self, text: str) -> str:
         return redact_secrets(text, (self._token, self.proxy or ""))
 
+    def _failure(self, exc: requests.exceptions.RequestException, *,
+                 lead: str = "erro de conexão com a Bemsoft") -> str:
+        """Why no answer came, in Portuguese, with the fix for TLS problems."""
+        reason = describe_request_error(exc, url=self.base_url, timeout_s=self.timeout_s,
+                                        proxy=self.proxy)
+        if reason.startswith("falha de TLS"):
+            reason += "; confira BEMSOFT_VERIFY e o certificado"
+        elif not reason.startswith("sem resposta") and "BEMSOFT_PROXY" not in reason:
+            reason = f"{lead}: {reason}"
+        return self._scrub(reason)
+
     def post_order(self, payload: dict[str, Any], *, key: str) -> Outcome:
         """POST one order with its Idempotency-Key and classify the answer."""
         headers = {**self._headers(), "Content-Type": "application/json",
@@ -190,17 +211,8 @@ class BemsoftClient:
                 self.base_url + self.endpoint, data=data, headers=headers,
                 timeout=self.timeout_s, verify=self.verify, allow_redirects=False)
             text = resp.text
-        except requests.exceptions.SSLError as exc:
-            return Outcome(Kind.NO_ANSWER, None,
-                           f"falha de TLS com a Bemsoft: {self._scrub(_short(exc))}; confira "
-                           "BEMSOFT_VERIFY e o certificado", elapsed_s=time.monotonic() - started)
-        except requests.exceptions.Timeout:
-            return Outcome(Kind.NO_ANSWER, None,
-                           f"sem resposta da Bemsoft em {self.timeout_s:g} s (BEMSOFT_TIMEOUT)",
-                           elapsed_s=time.monotonic() - started)
         except requests.exceptions.RequestException as exc:
-            return Outcome(Kind.NO_ANSWER, None,
-                           f"erro de conexão com a Bemsoft: {self._scrub(_short(exc))}",
+            return Outcome(Kind.NO_ANSWER, None, self._failure(exc),
                            elapsed_s=time.monotonic() - started)
         elapsed = time.monotonic() - started
         kind, message, retry_after = classify(
@@ -214,18 +226,8 @@ class BemsoftClient:
         try:
             resp = self._session().get(url, headers=self._headers(), timeout=self.timeout_s,
                                        verify=self.verify, allow_redirects=False)
-        except requests.exceptions.SSLError as exc:
-            raise CatalogUnavailable(
-                f"catálogo {self.tests_endpoint}: falha de TLS com a Bemsoft: "
-                f"{self._scrub(_short(exc))}; confira BEMSOFT_VERIFY e o certificado") from None
-        except requests.exceptions.Timeout:
-            raise CatalogUnavailable(
-                f"catálogo {self.tests_endpoint}: sem resposta da Bemsoft em "
-                f"{self.timeout_s:g} s (BEMSOFT_TIMEOUT)") from None
         except requests.exceptions.RequestException as exc:
-            raise CatalogUnavailable(
-                f"catálogo {self.tests_endpoint} indisponível: {self._scrub(_short(exc))}"
-            ) from None
+            raise CatalogUnavailable(self._failure(exc, lead="Bemsoft inacessível")) from None
         if resp.status_code in (401, 403):
             raise CatalogUnavailable(
                 f"catálogo {self.tests_endpoint}: HTTP {resp.status_code}, token recusado; "
@@ -244,7 +246,7 @@ class BemsoftClient:
                                        headers=self._headers(), timeout=self.timeout_s,
                                        verify=self.verify, allow_redirects=False)
         except requests.exceptions.RequestException as exc:
-            return Outcome(Kind.NO_ANSWER, None, self._scrub(_short(exc)),
+            return Outcome(Kind.NO_ANSWER, None, self._failure(exc),
                            elapsed_s=time.monotonic() - started)
         kind, message, retry_after = classify(resp.status_code, resp.headers, "",
                                               now=dt.datetime.now(dt.timezone.utc))
@@ -252,6 +254,135 @@ class BemsoftClient:
                        time.monotonic() - started)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and every one it wraps (urllib3 keeps them in args, reason, causes)."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo and len(found) < 20:
+        current = todo.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        todo += [a for a in current.args if isinstance(a, BaseException)]
+        for attr in ("reason", "original_error", "__cause__", "__context__"):
+            inner = getattr(current, attr, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+    return found
+
+
+def host_port(url: str) -> str:
+    """'host:port' of a URL, never its user or password ('?' when unreadable)."""
+    try:
+        parts = urlsplit(url if "//" in url else f"//{url}")
+        host = parts.hostname or "?"
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: OpenSSL's verification codes a lab meets, in Portuguese.
+_TLS_VERIFY = {
+    10: "certificado expirado",
+    18: "certificado autoassinado",
+    19: "certificado autoassinado na cadeia",
+    20: "autoridade certificadora desconhecida (cadeia da empresa não instalada?)",
+    21: "autoridade certificadora desconhecida (cadeia da empresa não instalada?)",
+    62: "o certificado não é deste endereço",
+}
+_SOCKET_ERRORS = {
+    errno.ECONNREFUSED: "conexão recusada por {target}",
+    errno.ECONNRESET: "conexão encerrada por {target} antes da resposta",
+    errno.ECONNABORTED: "conexão encerrada por {target} antes da resposta",
+    errno.EPIPE: "conexão encerrada por {target} antes da resposta",
+    errno.ENETUNREACH: "rede inalcançável para {target} (sem rota ou sem internet)",
+    errno.EHOSTUNREACH: "servidor {target} inalcançável (sem rota ou firewall)",
+    errno.ETIMEDOUT: "sem resposta de {target} ao conectar (firewall?)",
+}
+
+
+#: A name the DNS does not know (urllib3 2 wraps socket.gaierror in NameResolutionError).
+_NAME_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t for t in (socket.gaierror, getattr(urllib3.exceptions, "NameResolutionError", None))
+    if t is not None
+)
+
+
+def _tls_reason(chain: list[BaseException]) -> str:
+    for exc in chain:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return _TLS_VERIFY.get(exc.verify_code, "certificado não validado")
+    for exc in chain:
+        if isinstance(exc, ssl.SSLError):
+            text = str(exc)
+            if "WRONG_VERSION_NUMBER" in text or "record layer" in text:
+                return "o servidor não responde com TLS nesta porta (http em vez de https?)"
+            if isinstance(exc, ssl.SSLEOFError) or "EOF" in text:
+                return "conexão encerrada durante a negociação TLS"
+            return "negociação TLS recusada"
+    return "negociação TLS falhou"
+
+
+def _socket_reason(chain: list[BaseException], target: str, name: str) -> str | None:
+    """The reason a socket failed ('conexão recusada por X'), or None when none applies."""
+    for exc in chain:
+        if isinstance(exc, _NAME_ERRORS):
+            return f"nome {name} não encontrado (DNS)"
+    for exc in chain:
+        if isinstance(exc, OSError) and exc.errno in _SOCKET_ERRORS:
+            return _SOCKET_ERRORS[exc.errno].format(target=target)
+    for exc in chain:
+        if isinstance(exc, http.client.RemoteDisconnected):
+            return f"{target} fechou a conexão sem responder"
+    return None
+
+
+def describe_request_error(exc: BaseException, *, url: str, timeout_s: float,
+                           proxy: str | None = None) -> str:
+    """One short Portuguese reason for a failed HTTP call, naming host:port.
+
+    Never urllib3's English text, the token or the proxy's password: 'conexão recusada por
+    127.0.0.1:8799', 'nome bemsoft.x não encontrado (DNS)', 'sem resposta da Bemsoft
+    (host:443) em 30 s (BEMSOFT_TIMEOUT)'.
+    """
+    target = host_port(url)
+    try:
+        name = urlsplit(url).hostname or target
+    except ValueError:
+        name = target
+    chain = _chain(exc)
+    if proxy and any(isinstance(e, (requests.exceptions.ProxyError,
+                                    urllib3.exceptions.ProxyError)) for e in chain):
+        where = host_port(proxy)
+        tunnel = re.search(r"Tunnel connection failed: (\d{3})", " ".join(map(str, chain)))
+        if tunnel and tunnel.group(1) == "407":
+            return (f"o proxy {where} pede autenticação (HTTP 407); confira usuário e senha "
+                    "em BEMSOFT_PROXY")
+        if tunnel:
+            return (f"o proxy {where} recusou a conexão com {target} (HTTP {tunnel.group(1)}); "
+                    "confira BEMSOFT_PROXY")
+        proxy_name = urlsplit(proxy).hostname or where
+        inner = _socket_reason(chain, f"proxy {where}", f"do proxy {proxy_name}")
+        if inner is None:
+            return f"falha ao usar o proxy {where} (BEMSOFT_PROXY)"
+        inner = inner.replace(" por proxy ", " pelo proxy ").replace(" de proxy ", " do proxy ")
+        return f"{inner} (BEMSOFT_PROXY)"
+    if isinstance(exc, requests.exceptions.SSLError) or any(
+            isinstance(e, ssl.SSLError) for e in chain):
+        return f"falha de TLS com {target}: {_tls_reason(chain)}"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"sem resposta de {target} ao conectar, em {timeout_s:g} s (BEMSOFT_TIMEOUT)"
+    if isinstance(exc, requests.exceptions.Timeout):
+        return f"sem resposta da Bemsoft ({target}) em {timeout_s:g} s (BEMSOFT_TIMEOUT)"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return f"resposta de {target} interrompida no meio da transferência"
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return f"resposta de {target} com compressão ilegível"
+    if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                        requests.exceptions.InvalidSchema)):
+        return "endereço inválido; confira BEMSOFT_BASE_URL"
+    reason = _socket_reason(chain, target, name)
+    if reason is not None:
+        return reason
+    return f"falha de comunicação com {target} ({type(exc).__name__})"

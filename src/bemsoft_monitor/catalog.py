@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from .errors import CatalogUnavailable, MapFileError, MonitorError
 from .models import CatalogEntry, LisItem
+from .oserrors import json_error_reason, json_error_text, os_error_fix, os_error_text
 
 __all__ = [
     "SPECIMEN_DUMMY",
@@ -268,20 +269,6 @@ def catalog_to_json(entries: Sequence[CatalogEntry]) -> list[dict[str, Any]]:
 
 # --- mapping files --------------------------------------------------------------------------
 
-_JSON_ERRORS_PT = {
-    "Expecting value": "valor esperado (vírgula sobrando ou texto sem aspas?)",
-    "Expecting ',' delimiter": "falta uma vírgula entre os itens",
-    "Expecting ':' delimiter": "falta ':' entre a chave e o valor",
-    "Expecting property name enclosed in double quotes": (
-        "a chave deve estar entre aspas duplas (vírgula sobrando antes de '}'?)"
-    ),
-    "Extra data": "conteúdo depois do fim do objeto JSON",
-    "Unterminated string starting at": "texto sem as aspas de fechamento",
-    "Invalid control character at": "quebra de linha ou caractere de controle dentro de um texto",
-    "Invalid \\escape": "barra invertida inválida (use / ou \\\\)",
-}
-
-
 #: One well-formed UTF-8 sequence of an accented letter (two to four bytes).
 _UTF8_MULTIBYTE = re.compile(
     rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
@@ -295,8 +282,8 @@ def _read_text(path: Path, setting: str) -> str:
         raise MapFileError(f"arquivo {path} não encontrado; corrija {setting} no .env") from None
     except OSError as exc:
         raise MapFileError(
-            f"arquivo {path} não pode ser lido ({exc.strerror or exc}); verifique {setting} "
-            "e as permissões do arquivo"
+            f"arquivo {path} não pode ser lido ({os_error_text(exc)}); {os_error_fix(exc)} "
+            f"(arquivo indicado em {setting})"
         ) from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # Notepad's and Excel's "Unicode"
         try:
@@ -354,7 +341,7 @@ def _load_json_map(text: str, path: Path, *, setting: str, value_name: str) -> d
     try:
         data = json.loads(text, object_pairs_hook=_Pairs)
     except json.JSONDecodeError as exc:
-        msg = _JSON_ERRORS_PT.get(exc.msg, exc.msg)
+        msg = json_error_reason(exc) or "JSON inválido"
         if exc.pos == len(text) - len(text.lstrip()):
             # Fails on the very first character: not JSON at all (often a CSV or a note).
             msg = (
@@ -735,6 +722,7 @@ class Resolver:
         code_source: CodeSource,
         variant_policy: VariantPolicy,
         dry_run: bool,
+        material_map_path: Path | None = None,
     ) -> None:
         self.catalog = catalog
         # Keys are normalised again so callers may pass hand-written dicts.
@@ -743,6 +731,8 @@ class Resolver:
         self.code_source = code_source
         self.variant_policy = variant_policy
         self.dry_run = dry_run
+        # Only to name the file in refusals; None names the setting alone.
+        self.material_map_path = Path(material_map_path) if material_map_path else None
 
     def with_catalog(self, catalog: Catalog | None) -> Resolver:
         """The same resolver over another catalogue snapshot (after a refresh)."""
@@ -841,6 +831,7 @@ class Resolver:
         self, code: str, support_id: str, variants: list[CatalogEntry]
     ) -> Resolution:
         hint = self.material_hint(code, support_id)
+        matches: list[CatalogEntry] = []
         if hint:
             wanted_id, wanted_name = normalize_code(hint), normalize_material(hint)
             matches = [
@@ -853,15 +844,28 @@ class Resolver:
             if matches and len({normalize_code(m.specimen_id) for m in matches}) == 1:
                 chosen = matches[0]
                 return Resolution(chosen.test_id, chosen.specimen_id, None, "ok", tuple(variants))
-        if self.variant_policy == "first":
+        elif self.variant_policy == "first":
+            # Only without any hint: a hint that matches nothing is a mistake in the map, and
+            # guessing the first tube would hide it (sending the wrong tube is a clinical error).
             first = variants[0]
             return Resolution(first.test_id, first.specimen_id, None, "ok", tuple(variants))
         listing = _describe_variants(variants[0].test_id, variants)
         if hint:
+            where = (
+                f"{self.material_map_path} (BEMSOFT_MATERIAL_MAP_PATH)"
+                if self.material_map_path
+                else "BEMSOFT_MATERIAL_MAP_PATH"
+            )
+            what = "nenhuma" if not matches else "mais de uma"
+            policy = (
+                " (BEMSOFT_VARIANT_POLICY=first não se aplica: ela vale só para exames sem "
+                "material indicado)"
+                if self.variant_policy == "first"
+                else ""
+            )
             advice = (
-                f'o material "{hint}" indicado para {code} em BEMSOFT_MATERIAL_MAP_PATH não '
-                "corresponde a uma única variante; corrija essa linha usando um dos materiais "
-                "acima"
+                f'o material "{hint}" indicado para {code} em {where} corresponde a {what} '
+                f"das variantes; corrija essa linha usando um dos materiais acima{policy}"
             )
         else:
             example = variants[0].specimen_id
@@ -890,6 +894,13 @@ _SHRINK_CHECK_FROM = 20
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, MonitorError):
         return str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return json_error_text(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return "o arquivo não está em UTF-8"
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(
+            exc, ConnectionError):  # a file of ours, not the network
+        return os_error_text(exc)
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -922,8 +933,11 @@ class CatalogCache:
         ttl_s: float,
         min_refresh_s: float,
         clock: Callable[[], float] = time.time,
+        log_refresh_failures: bool = True,
     ) -> None:
         self._fetch = fetch
+        # False for a command that shows ``last_error`` itself: one failure, one line.
+        self._log_refresh_failures = log_refresh_failures
         self.path = Path(path)
         self.ttl_s = ttl_s
         self.min_refresh_s = min_refresh_s
@@ -1013,7 +1027,9 @@ class CatalogCache:
         except Exception as exc:
             self._last_attempt_failed = True
             self.last_error = f"falha ao atualizar o catálogo /tests: {_describe_error(exc)}"
-            if self.catalog is not None:
+            if not self._log_refresh_failures:
+                pass
+            elif self.catalog is not None:
                 log.warning(
                     "catálogo não atualizado; usando cópia de %s (%s)",
                     _when(self.loaded_at),
@@ -1065,9 +1081,10 @@ class CatalogCache:
             self._file_stamp = _stamp(self.path)
         except OSError as exc:
             log.warning(
-                "cópia do catálogo não gravada em %s (%s); verifique BEMSOFT_CATALOG_CACHE",
+                "cópia do catálogo não gravada em %s (%s); %s (BEMSOFT_CATALOG_CACHE)",
                 self.path,
-                exc,
+                os_error_text(exc),
+                os_error_fix(exc),
             )
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -29,6 +29,8 @@ RET_OK = 0
 RET_ERROR = 1
 RET_CONFIG = 2
 RET_CHECK_FAILED = 3
+#: The database (LIS or state) cannot be reached: ``run --once``, ``status``, ``retry``.
+RET_DB_UNAVAILABLE = RET_ERROR
 RET_NOTHING_TO_DO = 0
 
 log = logging.getLogger("bemsoft_monitor")
@@ -69,6 +71,12 @@ def settings_or_exit(**overrides: Any) -> Settings:
     except ConfigError as exc:
         err_console.print("[bold red]Configuração inválida[/] (arquivo .env ou variáveis de "
                           "ambiente):", highlight=False)
+        from .ops import missing_env_file_line  # noqa: PLC0415
+
+        no_env = missing_env_file_line()
+        if no_env:
+            err_console.print(f"  ✗ {no_env}; copie .env.example para .env e preencha",
+                              highlight=False, markup=False)
         for line in exc.problems:
             err_console.print(f"  ✗ {line}", highlight=False, markup=False)
         err_console.print("Corrija os itens acima (veja .env.example) e rode de novo.",
@@ -78,7 +86,7 @@ def settings_or_exit(**overrides: Any) -> Settings:
 
 def configure_logging(settings: Settings, *, verbose: bool = False) -> None:
     """Logging from the settings; ``--verbose`` means DEBUG (payloads shown, masked)."""
-    from .logsetup import setup_logging
+    from .logsetup import setup_logging  # noqa: PLC0415
 
     try:
         setup_logging(
@@ -123,14 +131,14 @@ def run(
     """Roda o monitor: lê o LIS, espera a solicitação assentar e envia à Bemsoft."""
     settings = settings_or_exit(**({"http_addr": http} if http else {}))
     configure_logging(settings, verbose=verbose)
-    from .app import build_monitor, build_parts
-    from .ops import writable_dir_problem
+    from .app import build_monitor, build_parts  # noqa: PLC0415
+    from .ops import writable_dir_problem  # noqa: PLC0415
 
     problem = writable_dir_problem(Path(settings.failed_dir))
     if problem:
         err_console.print(f"✗ FAILED_DIR: não foi possível usar a pasta {settings.failed_dir} "
-                          f"({problem}); ajuste as permissões ou aponte FAILED_DIR para outra "
-                          "pasta", highlight=False, markup=False, soft_wrap=True)
+                          f"({problem} ou aponte FAILED_DIR para outra pasta)", highlight=False,
+                          markup=False, soft_wrap=True)
         raise typer.Exit(RET_CONFIG)
 
     try:
@@ -140,20 +148,10 @@ def run(
             err_console.print(f"✗ {line}", highlight=False, markup=False)
         raise typer.Exit(RET_CONFIG) from None
     monitor = build_monitor(parts)
-    services = _start_services(settings, monitor)
-    log.info("Bemsoft Monitor %s iniciado (%s; terceiros: %s)", __version__,
-             "DRY_RUN, nada será enviado" if settings.bemsoft_dry_run else "envio real",
-             ", ".join(settings.support_labs))
     if once:
-        try:
-            stats = monitor.cycle(drain=True)
-        finally:
-            monitor.close()
-            _stop_services(services)
-        log.info("ciclo concluído: %d lido(s), %d novo(s), %d pedido(s) criado(s), %d "
-                 "enviado(s), %d recusado(s)", stats.read, stats.new, stats.orders_created,
-                 stats.sent, stats.refused)
-        raise typer.Exit(RET_OK)
+        _run_once(settings, parts, monitor)
+    services = _start_services(settings, monitor)
+    _log_started(settings)
     stop = threading.Event()
     install_stop_handlers(stop)
     try:
@@ -164,18 +162,69 @@ def run(
     raise typer.Exit(RET_OK)
 
 
+def _log_started(settings: Settings) -> None:
+    # The start scripts wait for "iniciado" in the log before saying the monitor is up.
+    log.info("Bemsoft Monitor %s iniciado (%s; terceiros: %s)", __version__,
+             "DRY_RUN, nada será enviado" if settings.bemsoft_dry_run else "envio real",
+             ", ".join(settings.support_labs))
+
+
+def _database_down(settings: Settings, exc: BaseException) -> typer.Exit:
+    """One ✗ line (passwords masked) for a database that cannot be reached; the exit."""
+    from .ops import db_error_text  # noqa: PLC0415
+
+    err_console.print(f"✗ banco de dados inacessível: {db_error_text(exc, settings.secrets)}; "
+                      "nada foi lido nem enviado — rode 'bemsoft-monitor check' para o "
+                      "diagnóstico completo", highlight=False, markup=False, soft_wrap=True)
+    return typer.Exit(RET_DB_UNAVAILABLE)
+
+
+def _run_once(settings: Settings, parts: Any, monitor: Any) -> None:
+    """``run --once``: one full cycle; a database that cannot be reached is one line, exit 1.
+
+    The loop (``run``) waits for the database instead; one cycle has nothing to wait for.
+    """
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    try:
+        monitor.start()  # creates the state tables: the first thing that needs the database
+    except sa.exc.SQLAlchemyError as exc:
+        monitor.close(grace_s=0)
+        parts.lis_engine.dispose()
+        raise _database_down(settings, exc) from None
+    services = _start_services(settings, monitor)
+    _log_started(settings)
+    try:
+        stats = monitor.cycle(drain=True)
+    except sa.exc.SQLAlchemyError as exc:
+        raise _database_down(settings, exc) from None
+    finally:
+        monitor.close()
+        _stop_services(services)
+    if stats.lease_held and monitor.last_successful_poll is None:
+        # The cycle met an outage while reading (already logged as ERROR by the engine).
+        err_console.print("✗ ciclo incompleto: o banco de dados ficou inacessível durante a "
+                          "leitura; nada foi perdido — rode de novo quando ele voltar",
+                          highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(RET_DB_UNAVAILABLE)
+    log.info("ciclo concluído: %d lido(s), %d novo(s), %d pedido(s) criado(s), %d "
+             "enviado(s), %d recusado(s)", stats.read, stats.new, stats.orders_created,
+             stats.sent, stats.refused)
+    raise typer.Exit(RET_OK)
+
+
 def _start_services(settings: Settings, monitor: Any) -> list[Any]:
     """The HTTP endpoint (HTTP_ADDR / --http) and the alerter, when configured."""
     services: list[Any] = []
     if settings.http_addr:
-        from .web import HttpBindError, Painel, start_http
+        from .web import HttpBindError, Painel, start_http  # noqa: PLC0415
 
         try:
             services.append(start_http(Painel(settings, monitor), settings.http_addr))
         except HttpBindError as exc:
             err_console.print(f"✗ HTTP_ADDR/--http: {exc}", highlight=False, markup=False)
             raise typer.Exit(RET_CONFIG) from None
-    from .alerts import build_alerter
+    from .alerts import build_alerter  # noqa: PLC0415
 
     alerter = build_alerter(settings, monitor)
     if alerter is not None:
@@ -208,7 +257,7 @@ def simulator(
                                            help="Latência fixa por POST, em segundos.")] = 0.0,
 ) -> None:
     """Simulador local da API Bemsoft (GET /tests, POST /requests, GET /saved)."""
-    from .simulator import serve
+    from .simulator import serve  # noqa: PLC0415
 
     if catalog is not None and not catalog.is_file():
         err_console.print(f"✗ arquivo de catálogo não encontrado: {catalog}", highlight=False,
@@ -225,7 +274,7 @@ def demo(
     Path("demo_run"),
 ) -> None:
     """Demonstração completa: LIS SQLite de exemplo + simulador local, nada a configurar."""
-    from .demo import run_demo
+    from .demo import run_demo  # noqa: PLC0415
 
     raise typer.Exit(run_demo(folder))
 
@@ -333,11 +382,10 @@ def cli_command() -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (usage errors: one Portuguese line, exit 2)."""
-    from .cli_ops import run_app
+    from .cli_ops import run_app  # noqa: PLC0415
 
     run_app(argv)
 
 
 # Sub-commands defined in their own modules register themselves on ``app`` when imported.
-from . import cli_catalog  # noqa: E402, F401
-from . import cli_ops  # noqa: E402, F401
+from . import cli_catalog, cli_ops  # noqa: E402, F401

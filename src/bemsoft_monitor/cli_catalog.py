@@ -41,7 +41,7 @@ from .mapping import (
     summary_line,
 )
 from .models import CatalogEntry
-from .redact import redact_secrets
+from .oserrors import os_error_fix, os_error_text
 
 out = Console(highlight=False)
 
@@ -104,7 +104,25 @@ def _cache(settings: Settings) -> CatalogCache:
         path=Path(settings.bemsoft_catalog_cache),
         ttl_s=settings.bemsoft_tests_ttl,
         min_refresh_s=settings.bemsoft_tests_min_refresh,
+        log_refresh_failures=False,  # each command prints last_error once itself
     )
+
+
+#: LIS settings the catalogue commands never read, filled in so that their absence (a folder
+#: without .env, a .env for another machine) does not stop a look at the catalogue. The
+#: token is checked where it is used: only a download needs it.
+_LIS_NOT_USED = {"db_url": "sqlite://", "terceiros": "-", "bemsoft_dry_run": True}
+
+
+def _catalog_settings() -> Settings:
+    """Settings for ``catalog sync|search|show``: only the Bemsoft and file settings count."""
+    return settings_or_exit(**_LIS_NOT_USED)
+
+
+def _require_token(settings: Settings, why: str) -> None:
+    if not settings.token:
+        raise _fail(f"BEMSOFT_TOKEN: ausente; {why} (informe-o no .env ou como variável de "
+                    "ambiente)", RET_CONFIG)
 
 
 def _tests_with_variants(catalog: Catalog) -> int:
@@ -116,6 +134,8 @@ def _catalog_or_sync(settings: Settings) -> tuple[CatalogCache, Catalog]:
     """The cached copy; without one, a single GET /tests (exit 1 when that fails too)."""
     cache = _cache(settings)
     if cache.catalog is None:
+        _require_token(settings, f"não há cópia local do catálogo em {cache.path} e é "
+                                 "preciso baixá-lo de GET /tests")
         err_console.print(f"Nenhuma cópia local do catálogo em {cache.path}; baixando agora "
                           "de GET /tests…", highlight=False, markup=False)
         if not cache.refresh():
@@ -151,7 +171,8 @@ def _resolver(settings: Settings, catalog: Catalog | None) -> Resolver:
     # dry_run=False: a check must never pass because of DRY_RUN's dummy specimen.
     return Resolver(catalog=catalog, test_map=test_map, material_map=material_map,
                     code_source=settings.test_code_source,
-                    variant_policy=settings.bemsoft_variant_policy, dry_run=False)
+                    variant_policy=settings.bemsoft_variant_policy, dry_run=False,
+                    material_map_path=settings.bemsoft_material_map_path)
 
 
 def _entries_table(entries: list[CatalogEntry], *, title: str | None = None) -> Table:
@@ -183,8 +204,9 @@ def catalog_sync() -> None:
     código de saída é 1. Um catálogo bem menor que o anterior, que o monitor recusa como
     incompleto, é aceito aqui (o resumo mostra quantos exames saíram).
     """
-    settings = settings_or_exit()
+    settings = _catalog_settings()
     configure_logging(settings)
+    _require_token(settings, "é preciso para baixar o catálogo GET /tests")
     cache = _cache(settings)
     previous, previous_at = cache.catalog, cache.loaded_at
     started = time.monotonic()
@@ -215,14 +237,15 @@ def catalog_sync() -> None:
 
 @catalog_app.command("search")
 def catalog_search(
-    text: Annotated[str, typer.Argument(help="Parte do id ou do nome (sem acento, tanto faz).")],
+    text: Annotated[str, typer.Argument(metavar="TEXTO",
+                                        help="Parte do id ou do nome (sem acento, tanto faz).")],
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Máximo de linhas.")] = 50,
 ) -> None:
     """Busca exames na cópia local do catálogo por id ou nome (sem diferenciar acentos).
 
     Só acessa a Bemsoft se ainda não houver cópia local. Sai com 1 se nada for encontrado.
     """
-    settings = settings_or_exit()
+    settings = _catalog_settings()
     configure_logging(settings)
     catalog = _catalog_or_sync(settings)[1]
     found = catalog.search(text, limit=limit + 1)
@@ -240,7 +263,8 @@ def catalog_search(
 
 @catalog_app.command("show")
 def catalog_show(
-    code: Annotated[str, typer.Argument(help="Código do exame: id na Bemsoft ou código local.")],
+    code: Annotated[str, typer.Argument(metavar="CODIGO",
+                                        help="Código do exame: id na Bemsoft ou código local.")],
 ) -> None:
     """Mostra as variantes (materiais) de um exame e como um código LOCAL seria enviado.
 
@@ -248,7 +272,7 @@ def catalog_show(
     materiais (BEMSOFT_MATERIAL_MAP_PATH), como o monitor faz. Sai com 1 se o código local
     não puder ser enviado.
     """
-    settings = settings_or_exit()
+    settings = _catalog_settings()
     configure_logging(settings)
     catalog = _catalog_or_sync(settings)[1]
     resolver = _resolver(settings, catalog)
@@ -303,9 +327,9 @@ def _read_codes(settings: Settings, since: dt.datetime | None) -> list[dict[str,
             conn.rollback()  # read-only: nothing to keep
         return rows
     except sa.exc.SQLAlchemyError as exc:
-        orig = getattr(exc, "orig", None) or exc
-        first = (str(orig).splitlines() or [type(orig).__name__])[0]
-        reason = redact_secrets(first, settings.secrets)[:300]
+        from .ops import db_error_text  # noqa: PLC0415 - the engine stack loads only here
+
+        reason = db_error_text(exc, settings.secrets)
         raise _fail(f"não foi possível ler os exames do LIS: {reason}; confira DB_URL ou "
                     "DB_SERVER/DB_NAME e se as tabelas ItemSol, solicitacao e texame existem"
                     ) from None
@@ -340,8 +364,8 @@ def _write_csv(path: Path, reports: list[CodeReport]) -> None:
         # BOM: Excel opens a ';' CSV in UTF-8 only when it starts with one.
         path.write_bytes(render_csv(reports).encode("utf-8-sig"))
     except OSError as exc:
-        raise _fail(f"não foi possível gravar {path} ({exc.strerror or exc}); o arquivo "
-                    "está aberto no Excel?") from None
+        raise _fail(f"não foi possível gravar o relatório {path} ({os_error_text(exc)}); "
+                    f"{os_error_fix(exc)}") from None
 
 
 @mapping_app.command("check")
@@ -375,7 +399,8 @@ def mapping_check(
         err_console.print(f"! {cache.last_error}; {kept}", highlight=False, markup=False)
     resolver = Resolver(catalog=cache.catalog, test_map=test_map, material_map=material_map,
                         code_source=settings.test_code_source,
-                        variant_policy=settings.bemsoft_variant_policy, dry_run=False)
+                        variant_policy=settings.bemsoft_variant_policy, dry_run=False,
+                        material_map_path=settings.bemsoft_material_map_path)
     since = _since(settings, days)
     rows = _read_codes(settings, since)
     reports = check_codes(

@@ -29,6 +29,7 @@ from . import ops
 from .cli import (
     RET_CHECK_FAILED,
     RET_CONFIG,
+    RET_DB_UNAVAILABLE,
     RET_ERROR,
     RET_OK,
     app,
@@ -71,7 +72,7 @@ def _fail(message: str, code: int = RET_CONFIG) -> typer.Exit:
 def _db_problem(settings: Settings, exc: BaseException) -> typer.Exit:
     return _fail("banco de estado inacessível: "
                  f"{ops.db_error_text(exc, settings.secrets)}; rode 'bemsoft-monitor check' "
-                 "para o diagnóstico completo", RET_ERROR)
+                 "para o diagnóstico completo", RET_DB_UNAVAILABLE)
 
 
 # --- retry ---------------------------------------------------------------------------------
@@ -106,8 +107,7 @@ def _prepare_move_ok(move_ok: Path | None) -> None:
         return
     problem = ops.writable_dir_problem(move_ok)
     if problem:
-        raise _fail(f"--move-ok: não foi possível usar a pasta {move_ok} ({problem}); "
-                    "ajuste as permissões ou escolha outra pasta")
+        raise _fail(f"--move-ok: não foi possível usar a pasta {move_ok} ({problem})")
 
 
 def _print_row(row: ops.RetryRow) -> None:
@@ -144,7 +144,7 @@ def _summary(summary: ops.RetrySummary, *, send: bool, shown_one_by_one: bool) -
 
 
 def _retry_refused(settings: Settings, *, send: bool, verbose: bool) -> None:
-    from .app import build_monitor, build_parts
+    from .app import build_monitor, build_parts  # noqa: PLC0415
 
     try:
         parts = build_parts(settings, state_in_memory=False)
@@ -216,7 +216,8 @@ def retry(
     = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, metavar="N",
-        help="Processa no máximo N arquivos (os mais antigos).")] = None,
+        help="Processa no máximo N arquivos, os mais antigos primeiro (pela data no nome do "
+             "arquivo ou, sem ela, pela data de modificação).")] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Mostra payload e resposta de cada envio (dados do paciente "
                                 "mascarados, salvo LOG_PII=1).")] = False,
@@ -246,7 +247,7 @@ def retry(
         raise typer.Exit(RET_OK)
     if send:
         _prepare_move_ok(move_ok)
-    from .app import build_monitor, build_parts
+    from .app import build_monitor, build_parts  # noqa: PLC0415
 
     try:
         parts = build_parts(settings, state_in_memory=False)
@@ -400,11 +401,15 @@ def check(
         "--offline", help="Não acessa a Bemsoft (só configuração, banco e pastas).")] = False,
 ) -> None:
     """Diagnóstico da instalação: configuração, driver ODBC, banco, tabelas, Bemsoft, relógio."""
-    from .config import load_settings
+    from .config import load_settings  # noqa: PLC0415
 
     try:
         settings = load_settings()
     except ConfigError as exc:
+        no_env = ops.missing_env_file_line()
+        if no_env:
+            out.print(f"[red]✗[/] configuração: {escape(no_env)} → copie .env.example para "
+                      ".env na pasta do programa e preencha", highlight=False)
         for problem in exc.problems:
             out.print(f"[red]✗[/] configuração: {escape(problem)}", highlight=False)
         out.print("Corrija o .env (veja .env.example) e rode de novo.")
@@ -525,7 +530,7 @@ def _command_path(root: Any, argv: Sequence[str]) -> str:
 
 def run_app(argv: list[str] | None = None) -> None:
     """Run the CLI; usage mistakes give one Portuguese line and exit 2 (not click's 3 lines)."""
-    from .cli import cli_command
+    from .cli import cli_command  # noqa: PLC0415
 
     args = list(sys.argv[1:] if argv is None else argv)
     command = cli_command()

@@ -31,6 +31,7 @@ from .deadletter import append_refused_report, write_failed
 from .errors import MonitorError
 from .metrics import Metrics
 from .models import LisItem
+from .oserrors import os_error_fix, os_error_text
 from .procutil import hostname, pid_alive
 from .scan import plan_scan
 from .source import LisSource
@@ -482,6 +483,7 @@ class Monitor:
             test_map=self.test_map, material_map=self.material_map,
             code_source=self.s.test_code_source, variant_policy=self.s.bemsoft_variant_policy,
             dry_run=self.s.bemsoft_dry_run,
+            material_map_path=self.s.bemsoft_material_map_path,
         )
 
     def _requeue_resolvable_refusals(self, cause: str) -> int:
@@ -627,8 +629,8 @@ class Monitor:
         try:
             append_refused_report(Path(self.s.refused_report), rows)
         except OSError as exc:
-            log.error("não foi possível gravar o relatório de itens recusados %s: %s",
-                      self.s.refused_report, exc.strerror)
+            log.error("não foi possível gravar o relatório de itens recusados %s: %s; %s",
+                      self.s.refused_report, os_error_text(exc), os_error_fix(exc))
 
     # --- send ---------------------------------------------------------------------------------------------
     def _send(self, stats: CycleStats, *, drain: bool) -> None:
@@ -982,7 +984,8 @@ class Monitor:
             except OSError as exc:
                 # The order stays dead in the outbox: nothing is lost even without the file.
                 log.error("não foi possível gravar em FAILED_DIR (%s): %s; o pedido continua "
-                          "registrado no banco de estado", self.s.failed_dir, exc.strerror)
+                          "registrado no banco de estado; %s", self.s.failed_dir,
+                          os_error_text(exc), os_error_fix(exc))
         effects.append(self.metrics.dead_letters.inc)
         effects.append(lambda: log.error(
             "solicitação %s não enviada: %s (arquivo: %s)", order.requisition_id, reason,

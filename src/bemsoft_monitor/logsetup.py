@@ -25,6 +25,7 @@ from typing import Any
 from urllib3.exceptions import InsecureRequestWarning
 
 from .errors import ConfigError
+from .oserrors import os_error_fix, os_error_reason, os_error_text
 from .redact import redact_secrets
 
 __all__ = [
@@ -211,14 +212,14 @@ def prepare_log_file(path: Path) -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return (f"LOG_FILE: não foi possível criar a pasta {folder} "
-                f"({exc.strerror or exc}); crie a pasta ou aponte LOG_FILE para outra")
+                f"({os_error_text(exc)}); {os_error_fix(exc)} ou aponte LOG_FILE para outra")
     if path.is_dir():
         return f"LOG_FILE: {path} é uma pasta; informe um arquivo, ex.: {path / 'monitor.log'}"
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
     except OSError as exc:
-        return (f"LOG_FILE: sem permissão para gravar em {path} ({exc.strerror or exc}); "
-                "ajuste as permissões ou aponte LOG_FILE para outra pasta")
+        return (f"LOG_FILE: não foi possível gravar em {path} ({os_error_reason(exc)}); "
+                f"{os_error_fix(exc)} ou aponte LOG_FILE para outra pasta")
     return None
 
 

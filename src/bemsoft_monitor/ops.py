@@ -30,13 +30,14 @@ from sqlalchemy.sql import visitors
 from urllib3.exceptions import InsecureRequestWarning
 
 from . import __version__
-from .bemsoft import DEFINITELY_NOT_SAVED, Kind, Outcome
-from .config import Settings, config_warnings, env_files, redact_db_url
+from .bemsoft import DEFINITELY_NOT_SAVED, Kind, Outcome, describe_request_error
+from .config import ENV_FILE_VAR, Settings, config_warnings, env_files, redact_db_url
 from .dbconn import lis_schema, lis_url, make_engine, state_url
 from .deadletter import ensure_private_dir, list_failed, read_failed
 from .engine import FLAG_AUTH_PAUSED, FLAG_LAST_POLL, Monitor
 from .errors import ConfigError, MonitorError
 from .logsetup import mask_payload, mask_text, pii_shown, prepare_log_file
+from .oserrors import json_error_text, os_error_fix, os_error_text
 from .redact import redact_secrets
 from .source import LisSource, lis_tables
 from .store import (
@@ -98,11 +99,43 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+#: Common driver messages (psycopg, pyodbc/SQL Server, SQLite), their gist in Portuguese.
+_DB_REASONS = (
+    (("connection refused", "actively refused"), "conexão recusada"),
+    (("login failed", "password authentication failed", "authentication failed"),
+     "usuário ou senha recusados"),
+    (("could not translate host name", "name or service not known", "server not found",
+      "getaddrinfo failed", "no such host"), "nome do servidor não encontrado (DNS)"),
+    (("timeout expired", "timed out", "login timeout"), "tempo de conexão esgotado"),
+    (("does not exist", "cannot open database", "unable to open database"),
+     "banco inexistente ou inacessível"),
+    (("permission denied",), "sem permissão"),
+)
+
+
 def db_error_text(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
-    """First line of a database error, passwords removed."""
+    """First line of a database error, passwords removed; led by its gist in Portuguese."""
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc) or type(exc).__name__
-    return redact_secrets(text.strip().splitlines()[0] if text.strip() else text, secrets)[:300]
+    first = text.strip().splitlines()[0] if text.strip() else text
+    lowered = first.lower()
+    gist = next((pt for needles, pt in _DB_REASONS if any(n in lowered for n in needles)), None)
+    shown = f"{gist} (driver: {first})" if gist else first
+    return redact_secrets(shown, secrets)[:300]
+
+
+def missing_env_file_line() -> str | None:
+    """'nenhum arquivo .env encontrado (procurado em: …)' when no .env exists, else None.
+
+    An explicit BEMSOFT_ENV_FILE that does not exist is reported by the settings themselves.
+    """
+    if os.environ.get(ENV_FILE_VAR, "").strip():
+        return None
+    files = env_files()
+    if any(path.is_file() for path in files):
+        return None
+    folders = ", ".join(dict.fromkeys(str(path.parent) for path in files))
+    return f"nenhum arquivo .env encontrado (procurado em: {folders})"
 
 
 # --- retry of FAILED_DIR files ------------------------------------------------------------
@@ -120,6 +153,19 @@ R_NOT_SENT = "não enviado"
 CONFERIR_HINT = ("Confira no portal da Bemsoft: se o pedido estiver lá, marque-o como resolvido "
                  "no painel (ou guarde o arquivo em outra pasta); se não estiver, rode de novo "
                  "com --conferir para reenviá-lo com uma nova Idempotency-Key.")
+
+#: What each answer came to, as ``retry --verbose`` shows it.
+OUTCOME_LABELS: dict[Kind, str] = {
+    Kind.DELIVERED: "entregue",
+    Kind.ALREADY: "já recebido antes",
+    Kind.REJECTED: "recusado pela Bemsoft",
+    Kind.AUTH: "token recusado",
+    Kind.RATE_LIMITED: "limite de requisições",
+    Kind.NOT_SAVED: "não salvo",
+    Kind.UNREACHABLE: "não chegou ao serviço de pedidos",
+    Kind.SERVER_ERROR: "erro no servidor",
+    Kind.NO_ANSWER: "sem resposta",
+}
 
 #: Results after which the file may go to --move-ok.
 MOVABLE = frozenset({R_DELIVERED, R_ALREADY})
@@ -239,14 +285,15 @@ class FileRetrier:
         event = ff.event
         order = self._known_order(event)
         if order is not None:
-            row = self._retry_order(path, order)
+            row = self._retry_order(path, order, event)
         else:
             row = self._retry_external(path, event)
         if self.send and self.move_ok is not None and row.result in MOVABLE and path.exists():
             try:
                 row.moved_to = move_file(path, self.move_ok)
             except OSError as exc:
-                row.detail += f"; não foi possível mover para {self.move_ok}: {exc.strerror}"
+                row.detail += (f"; não foi possível mover para {self.move_ok} "
+                               f"({os_error_text(exc)}; {os_error_fix(exc)})")
         return row
 
     def _known_order(self, event: dict[str, Any]) -> OrderRow | None:
@@ -279,11 +326,25 @@ class FileRetrier:
     def _show_outcome(self, row: RetryRow, outcome: Outcome) -> None:
         if self.verbose:
             body = outcome.body_excerpt if pii_shown() else mask_text(outcome.body_excerpt)
-            row.verbose.append(f"resposta: HTTP {outcome.status or '-'} ({outcome.kind.value}) "
+            row.verbose.append(f"resposta: HTTP {outcome.status or '-'} "
+                               f"({OUTCOME_LABELS.get(outcome.kind, outcome.kind.value)}) "
                                f"em {outcome.elapsed_s * 1000:.0f} ms: {body or outcome.message}")
 
     # --- orders of the outbox ------------------------------------------------------------
-    def _retry_order(self, path: Path, order: OrderRow) -> RetryRow:
+    @staticmethod
+    def _key_note(order: OrderRow, event: dict[str, Any], *, conferir: bool) -> str:
+        """Which Idempotency-Key a re-send uses, and why when it is not the file's."""
+        if conferir:
+            return "com uma nova Idempotency-Key, gerada no envio (estava em CONFERIR)"
+        file_key = event.get("idempotencyKey")
+        if isinstance(file_key, str) and file_key and file_key != order.key:
+            return (f"com a Idempotency-Key {order.key}, não a {file_key} do arquivo: a "
+                    "Bemsoft respondeu que nada foi salvo com a chave do arquivo, e o monitor "
+                    "passou a uma nova geração (com a chave antiga, a Bemsoft poderia responder "
+                    "409 a um pedido que ela não salvou)")
+        return f"com a mesma Idempotency-Key ({order.key})"
+
+    def _retry_order(self, path: Path, order: OrderRow, event: dict[str, Any]) -> RetryRow:
         req = str(order.requisition_id)
         ident = f"pedido {order.order_id}"
         if order.state in (ORDER_DELIVERED, ORDER_RESOLVED):
@@ -297,13 +358,13 @@ class FileRetrier:
         if conferir and not self.conferir:
             return RetryRow(path, req, R_CONFERIR, f"{ident} em CONFERIR, não reenviado: "
                             f"{(order.last_error or '').strip()[:160]} {CONFERIR_HINT}")
-        key_note = "com nova Idempotency-Key (estava em CONFERIR)" if conferir \
-            else "com a Idempotency-Key registrada"
+        key_note = self._key_note(order, event, conferir=conferir)
         if not self.send:
             row = RetryRow(path, req, R_WOULD_SEND,
                            f"{ident} ({'conferir' if conferir else 'falhou'}: "
                            f"{(order.last_error or '').strip()[:160]}); seria reenviado {key_note}")
-            self._show_payload(row, order.payload, order.key)
+            self._show_payload(row, order.payload,
+                               "(nova, gerada no envio)" if conferir else order.key)
             return row
         if self.token_problem is not None:
             return RetryRow(path, req, R_NOT_SENT, f"não enviado: {self.token_problem}")
@@ -443,8 +504,13 @@ class FileRetrier:
             data = json.loads(path.read_bytes().decode("utf-8-sig"))
             data["retry"] = meta
             _write_json_atomic(path, data)
-        except (OSError, ValueError) as exc:
-            row.detail += f"; não foi possível anotar o resultado no arquivo ({exc})"
+        except OSError as exc:
+            row.detail += (f"; não foi possível anotar o resultado no arquivo "
+                           f"({os_error_text(exc)}; {os_error_fix(exc)})")
+        except ValueError as exc:  # the file was changed meanwhile into something unreadable
+            why = json_error_text(exc) if isinstance(exc, json.JSONDecodeError) else \
+                "o arquivo não está mais em UTF-8"
+            row.detail += f"; não foi possível anotar o resultado no arquivo ({why})"
 
 
 @dataclass
@@ -488,7 +554,7 @@ def retry_files(
 
 
 def select_files(folder: Path, limit: int | None) -> list[Path]:
-    """FAILED_DIR files, oldest name first, at most ``limit``."""
+    """FAILED_DIR files, oldest first (see :func:`list_failed`), at most ``limit``."""
     files = list_failed(folder)
     return files[:limit] if limit else files
 
@@ -726,12 +792,16 @@ def missing_lis_columns(conn: sa.Connection, source: LisSource,
 
 
 def writable_dir_problem(folder: Path) -> str | None:
-    """Create ``folder`` owner-only if needed and check it accepts files; error text or None."""
-    return _writable_dir(folder, private=True)
+    """Create ``folder`` owner-only if needed and check it accepts files.
+
+    None when it does; else 'what is wrong: path; what to do', in Portuguese.
+    """
+    problem = _dir_problem(folder, private=True)
+    return None if problem is None else f"{problem[0]}; {problem[1]}"
 
 
-def _writable_dir(folder: Path, *, private: bool = False) -> str | None:
-    """Create ``folder`` (0o700 when private) and write/delete a probe; error text or None."""
+def _dir_problem(folder: Path, *, private: bool = False) -> tuple[str, str] | None:
+    """Create ``folder`` (0o700 when private), write/delete a probe; (reason, fix) or None."""
     try:
         if private:
             ensure_private_dir(folder)
@@ -741,7 +811,7 @@ def _writable_dir(folder: Path, *, private: bool = False) -> str | None:
         probe.write_text("ok", encoding="utf-8")
         probe.unlink()
     except OSError as exc:
-        return str(exc.strerror or exc)
+        return os_error_text(exc), os_error_fix(exc)
     return None
 
 
@@ -783,7 +853,7 @@ DIALECTS = {"mssql": "mssql.pyodbc", "sqlite": "sqlite.pysqlite",
 
 def _load_dialect(name: str) -> str | None:
     """Import a dialect and its driver module; the problem text or None."""
-    from sqlalchemy.dialects import registry
+    from sqlalchemy.dialects import registry  # noqa: PLC0415
 
     try:
         registry.load(name).import_dbapi()
@@ -798,7 +868,7 @@ def bundled_components(url: sa.URL | None) -> Iterator[Check]:
     A driver the configured database needs is a failure; the others are warnings (the
     executable must carry all of them, a source install may lack the optional ones).
     """
-    from .simulator import load_catalog_sample
+    from .simulator import load_catalog_sample  # noqa: PLC0415
 
     backend = url.get_backend_name() if url is not None else None
     loaded: list[str] = []
@@ -853,7 +923,10 @@ class Checker:
     # --- configuration -------------------------------------------------------------------
     def _config(self) -> Iterator[Check]:
         files = [str(p) for p in env_files() if p.is_file()]
-        detail = f"arquivo {', '.join(files)}" if files else "sem arquivo .env (só variáveis)"
+        no_env = missing_env_file_line()
+        detail = (f"arquivo {', '.join(files)}" if files else
+                  f"{no_env}; usando só variáveis de ambiente" if no_env else
+                  "sem arquivo .env (só variáveis)")
         mode = "BEMSOFT_DRY_RUN=1, nada é enviado" if self.s.bemsoft_dry_run else "envio real"
         yield Check("ok", "configuração válida", f"{detail}; {mode}")
         for warning in config_warnings(self.s):
@@ -864,7 +937,7 @@ class Checker:
         yield from bundled_components(self._lis_url())
 
     def _maps(self) -> Iterator[Check]:
-        from .catalog import load_material_map, load_test_map
+        from .catalog import load_material_map, load_test_map  # noqa: PLC0415
 
         for setting, path, loader, what in (
             ("BEMSOFT_TEST_MAP_PATH", self.s.bemsoft_test_map_path, load_test_map,
@@ -909,7 +982,7 @@ class Checker:
         if url.get_driver_name() != "pyodbc":
             return
         try:
-            import pyodbc
+            import pyodbc  # noqa: PLC0415
         except ImportError as exc:
             fix = ("instale o ODBC Driver 18 for SQL Server da Microsoft" if sys.platform ==
                    "win32" else "instale o unixODBC (apt-get install unixodbc ou yum install "
@@ -1053,15 +1126,17 @@ class Checker:
             for label in (*labels, "TLS", "relógio"):
                 yield Check("skip", label, f"não verificado ({why})")
             return
-        import requests
+        import requests  # noqa: PLC0415
 
-        from .catalog import parse_catalog
+        from .catalog import parse_catalog  # noqa: PLC0415
 
         base = self.s.bemsoft_base_url
         https = base.lower().startswith("https://")
         url = base + self.s.bemsoft_tests_endpoint
         session = requests.Session()
-        session.trust_env = False
+        session.trust_env = False  # as the monitor: only BEMSOFT_PROXY, never the system's
+        if self.s.bemsoft_proxy:
+            session.proxies = {"http": self.s.bemsoft_proxy, "https": self.s.bemsoft_proxy}
         started = time.monotonic()
         try:
             with warnings.catch_warnings():
@@ -1074,14 +1149,14 @@ class Checker:
                                    verify=self.s.verify, allow_redirects=False)
         except requests.exceptions.SSLError as exc:
             yield Check("fail", "TLS", f"certificado de {base} não validado "
-                                       f"({self._scrub(_short(exc))})",
+                                       f"({self._scrub(self._http_reason(exc, url))})",
                         "instale a cadeia de certificados da empresa e aponte "
                         "BEMSOFT_VERIFY=/caminho/ca.pem; BEMSOFT_VERIFY=0 só para teste")
             yield Check("skip", "token", "não verificado (falha de TLS)")
             yield Check("skip", "catálogo /tests", "não verificado (falha de TLS)")
             return
         except requests.exceptions.RequestException as exc:
-            yield Check("fail", labels[0], f"{url}: {self._scrub(_short(exc))}",
+            yield Check("fail", labels[0], f"{url}: {self._scrub(self._http_reason(exc, url))}",
                         "confira BEMSOFT_BASE_URL, a internet/DNS e o firewall ou proxy")
             yield Check("skip", "token", "não verificado (Bemsoft inacessível)")
             yield Check("skip", "catálogo /tests", "não verificado (Bemsoft inacessível)")
@@ -1132,6 +1207,10 @@ class Checker:
         yield Check("ok", "catálogo /tests", f"{len(entries)} entrada(s), {len(tests)} exame(s)"
                                               f", {multi} com mais de um material")
 
+    def _http_reason(self, exc: BaseException, url: str) -> str:
+        return describe_request_error(exc, url=url, proxy=self.s.bemsoft_proxy,
+                                      timeout_s=min(self.s.bemsoft_timeout, CHECK_HTTP_TIMEOUT_S))
+
     def _http_clock(self, header: str | None) -> Iterator[Check]:
         if not header:
             yield Check("skip", "relógio", "a Bemsoft não informou a hora (cabeçalho Date)")
@@ -1150,30 +1229,30 @@ class Checker:
     # --- folders -------------------------------------------------------------------------
     def _folders(self) -> Iterator[Check]:
         failed_dir = Path(self.s.failed_dir)
-        problem = _writable_dir(failed_dir, private=True)
+        problem = _dir_problem(failed_dir, private=True)
         if problem:
-            yield Check("fail", "FAILED_DIR", f"{failed_dir}: {problem}",
-                        "ajuste as permissões ou aponte FAILED_DIR para outra pasta")
+            yield Check("fail", "FAILED_DIR", f"{failed_dir}: {problem[0]}",
+                        f"{problem[1]} ou aponte FAILED_DIR para outra pasta")
         else:
             yield Check("ok", "FAILED_DIR", f"{failed_dir} gravável")
         for setting, path in (("REFUSED_REPORT", Path(self.s.refused_report)),
                               ("BEMSOFT_CATALOG_CACHE", Path(self.s.bemsoft_catalog_cache))):
-            problem = _writable_dir(path.parent)
+            problem = _dir_problem(path.parent)
             if problem:
-                yield Check("fail", setting, f"pasta {path.parent}: {problem}",
-                            f"ajuste as permissões ou aponte {setting} para outra pasta")
+                yield Check("fail", setting, f"pasta {path.parent}: {problem[0]}",
+                            f"{problem[1]} ou aponte {setting} para outra pasta")
         if self.s.log_file is None:
             yield Check("skip", "LOG_FILE", "não definido (log só no console)")
             return
-        problem = prepare_log_file(Path(self.s.log_file))
-        if problem:
-            yield Check("fail", "LOG_FILE", problem)
+        log_problem = prepare_log_file(Path(self.s.log_file))
+        if log_problem:
+            yield Check("fail", "LOG_FILE", log_problem)
         else:
             yield Check("ok", "LOG_FILE", f"{self.s.log_file} gravável")
 
 
 def _loopback(base_url: str) -> bool:
-    from urllib.parse import urlsplit
+    from urllib.parse import urlsplit  # noqa: PLC0415
 
     host = (urlsplit(base_url).hostname or "").lower()
     return host in ("localhost", "::1") or host.startswith("127.")

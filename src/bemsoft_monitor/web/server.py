@@ -35,6 +35,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..oserrors import os_error_text
 from .views import Painel, item_exists
 
 log = logging.getLogger(__name__)
@@ -295,7 +296,7 @@ def _bind_problem(host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return (f"sem permissão para abrir a porta {port}; use uma porta acima de 1024, "
                 "ex.: 8765")
-    return f"não foi possível abrir {host}:{port}: {exc.strerror or exc}"
+    return f"não foi possível abrir {host}:{port}: {os_error_text(exc)}"
 
 
 class _Server(ThreadingHTTPServer):

@@ -28,6 +28,7 @@ from ..bemsoft import BemsoftClient, Kind
 from ..deadletter import ensure_private_dir
 from ..logsetup import PATIENT_KEYS, mask_name, mask_payload, mask_text
 from ..ops import catalog_status, collect_status, move_file
+from ..oserrors import os_error_text
 from ..redact import redact_secrets
 from ..store import (
     ITEM_REFUSED,
@@ -546,7 +547,7 @@ class Painel:
             move_file(path, ensure_private_dir(path.parent / subdir))
         except OSError as exc:
             log.warning("painel: não foi possível mover %s para %s: %s", path.name, subdir,
-                        exc.strerror)
+                        os_error_text(exc))
 
 
 PHYSICIAN_KEY = "physician"
