@@ -408,3 +408,35 @@ def test_while_the_running_loop_sends_no_transaction_or_lock_is_held_on_postgres
     print(f"\ntransações do LIS abertas durante cada POST: {seen}")
     assert len(sim.saved_tests()) == 12
     assert seen == [0] * 12
+
+
+def test_an_idle_poll_is_one_lis_query_and_the_state_store_is_seldom_touched(
+        lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
+    lis.patient()
+    lis.requisition(1)
+    lis.item(1, "FE", item_id=1)
+    settings = make_settings(db_url, tmp_path, sim, poll_seconds=5, lease_seconds=30)
+    monitor, parts = make_monitor(settings, clock)
+    drive(monitor, clock)
+    lis_sql: list[str] = []
+    state_sql: list[str] = []
+    sa.event.listen(parts.lis_engine, "before_cursor_execute",
+                    lambda _c, _k, stmt, *_a: lis_sql.append(stmt))
+    sa.event.listen(parts.store.engine, "before_cursor_execute",
+                    lambda _c, _k, stmt, *_a: state_sql.append(stmt))
+    polls = 60  # five minutes of POLL_SECONDS=5 with nothing new
+    stop = threading.Event()
+    for _ in range(polls):
+        clock.advance(5)
+        monitor.cycle(drain=False)
+        monitor.wait_for_sends(stop, 0.0)
+    # SQLite's explicit BEGIN is issued in-process, not a round trip.
+    lis_queries = [q for q in lis_sql if not q.strip().upper().startswith("BEGIN")]
+    state_writes = [q for q in state_sql if not q.strip().upper().startswith("BEGIN")]
+    print(f"\n{polls} leituras ociosas: LIS {len(lis_queries)} consultas; "
+          f"banco de estado {len(state_writes)} comandos")
+    assert len(lis_queries) == polls
+    assert all("ItemSol" in q and "JOIN" not in q for q in lis_queries)
+    # Lease renewed every 10 s (one UPDATE) + other processes' work rechecked every 30 s.
+    assert len(state_writes) <= polls // 2 + 2 * polls * 5 // 30 + 2
+    monitor.close()

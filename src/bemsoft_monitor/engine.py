@@ -64,7 +64,6 @@ RECONNECT_REPEATS = 3  # one per engine (LIS, state store) and one to spare
 QUEUE_ROUNDS = 4  # claimed orders waiting for a sending thread, in rounds of concurrency
 READY_ROUNDS = 8  # candidate orders fetched at once, in rounds of BEMSOFT_CONCURRENCY
 WORK_RECHECK_S = 30.0  # idle: outbox re-read at least this often (other processes' changes)
-POLL_FLAG_EVERY_S = 30.0
 
 
 class Clock(Protocol):
@@ -236,7 +235,6 @@ class Monitor:
         self.started = False
         self._checkpoint: int | None = None
         self._maybe_gaps = True
-        self._poll_flag_at: dt.datetime | None = None
         self._lease_renewed_at: dt.datetime | None = None
         self._unrecorded: list[tuple[OrderRow, Outcome]] = []
         self._dead_files: dict[int, Path] = {}
@@ -300,7 +298,11 @@ class Monitor:
             self._pool = None
         if self._lease_held:
             try:
-                self.store.release_lease(holder=self.holder)
+                # The last poll outlives the lease row, for `status` after a stop.
+                last = self.last_successful_poll
+                self.store.release_lease(
+                    holder=self.holder, now=self.clock.now(),
+                    flags={FLAG_LAST_POLL: last.isoformat()} if last is not None else None)
             except sa.exc.SQLAlchemyError:
                 log.warning("não foi possível liberar a trava (lease); ela expira sozinha")
             self._lease_held = False
@@ -312,13 +314,17 @@ class Monitor:
         if (self._lease_held and self._lease_renewed_at is not None
                 and (now - self._lease_renewed_at).total_seconds() < self.s.lease_seconds / 3):
             return True
-        info = self.store.lease_info()
         alive: bool | None = None
-        if info and info["Holder"] != self.holder and info["Host"] == self.host:
-            alive = pid_alive(int(info["Pid"])) and int(info["Pid"]) != self.pid
+        if not self._lease_held:  # a renewal is one UPDATE; only a taker looks first
+            info = self.store.lease_info()
+            if info and info["Holder"] != self.holder and info["Host"] == self.host:
+                alive = pid_alive(int(info["Pid"])) and int(info["Pid"]) != self.pid
+        # The last successful poll travels with the renewal (for `status` in another
+        # process): no write of its own on idle polls.
         held, current = self.store.try_lease(holder=self.holder, host=self.host, pid=self.pid,
                                              now=now, ttl_s=self.s.lease_seconds,
-                                             holder_alive=alive)
+                                             holder_alive=alive,
+                                             last_poll=self.last_successful_poll)
         if held:
             self._lease_renewed_at = now
         if held and not self._lease_held:
@@ -446,13 +452,6 @@ class Monitor:
             stats.more = True
         self.last_successful_poll = self.clock.now()
         self.metrics.last_successful_poll.set(self.last_successful_poll.timestamp())
-        flag_age = (None if self._poll_flag_at is None
-                    else (self.last_successful_poll - self._poll_flag_at).total_seconds())
-        if flag_age is None or flag_age >= POLL_FLAG_EVERY_S:
-            # For `status` in another process; written at most every POLL_FLAG_EVERY_S.
-            self.store.set_flag(FLAG_LAST_POLL, self.last_successful_poll.isoformat(),
-                                now=self.last_successful_poll)
-            self._poll_flag_at = self.last_successful_poll
 
     # --- catalogue ----------------------------------------------------------------------------------------
     def _refresh_catalog(self) -> None:
@@ -527,14 +526,15 @@ class Monitor:
         resolver = self._resolver()
         catalog_retried = False
         settled = 0
+        version = self.store.work_version
+        next_due = self.store.next_due_at()  # idle: this one query is the whole settle step
+        if next_due is None or next_due > store_naive(now):
+            self._due_known.remember(version, now, next_due, self._recheck_s)
+            return
         while settled < MAX_SETTLE_PER_CYCLE:
-            version = self.store.work_version
             now = self.clock.now()
             due = self.store.due_requisitions(now=now, limit=SETTLE_CHUNK)
             if not due:
-                if settled == 0:
-                    self._due_known.remember(version, now, self.store.next_due_at(),
-                                             self._recheck_s)
                 return
             resolver, catalog_retried = self._settle_chunk(due, stats, resolver,
                                                            catalog_retried)
@@ -701,12 +701,15 @@ class Monitor:
             if self._claim_known.quiet(self.store.work_version, now):
                 return []
             version = self.store.work_version
+            next_at = self.store.next_attempt_at()  # idle: one query, nothing more
             fetched = self.store.claimable_orders(
                 now=now, limit=max(room, self.s.bemsoft_concurrency) * READY_ROUNDS,
-                exclude_requisitions=busy)
+                exclude_requisitions=busy) if next_at is not None and next_at <= store_naive(
+                    now) else []
             if not fetched:
-                self._claim_known.remember(version, now, self.store.next_attempt_at(),
-                                           self._recheck_s)
+                if next_at is not None and next_at <= store_naive(now):
+                    next_at = None  # due but blocked (busy requisition): look again soon
+                self._claim_known.remember(version, now, next_at, self._recheck_s)
                 return []
             self._ready.extend(fetched)
         out: list[int] = []

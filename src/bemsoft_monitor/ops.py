@@ -680,7 +680,11 @@ def collect_status(settings: Settings, *, store: StateStore | None = None,
     if oldest is not None:
         out["oldest_waiting_age_s"] = round(max(0.0, (now - oldest).total_seconds()), 1)
     if _has_table(store, store.flags):
-        poll, _ = store.get_flag(FLAG_LAST_POLL)
+        # The monitor renews its lease with its last successful poll; older versions wrote
+        # a flag instead.
+        lease = store.lease_info() if _has_table(store, store.lease) else None
+        last = _aware(lease.get("LastPollAt")) if lease else None
+        poll = last.isoformat() if last is not None else store.get_flag(FLAG_LAST_POLL)[0]
         if poll:
             out["last_successful_poll"] = poll
             try:

@@ -152,6 +152,7 @@ def state_metadata(schema: str | None = None) -> sa.MetaData:
         sa.Column("Pid", sa.Integer, nullable=False),
         sa.Column("AcquiredAt", _DateTime, nullable=False),
         sa.Column("ExpiresAt", _DateTime, nullable=False),
+        sa.Column("LastPollAt", _DateTime, nullable=True),  # holder's last successful poll
     )
     sa.Table(
         "_MonitorFlag", md,
@@ -1072,7 +1073,7 @@ class StateStore:
     # --- lease -----------------------------------------------------------------------------
     def try_lease(
         self, *, holder: str, host: str, pid: int, now: dt.datetime, ttl_s: float,
-        holder_alive: bool | None = None,
+        holder_alive: bool | None = None, last_poll: dt.datetime | None = None,
     ) -> tuple[bool, str | None]:
         """Take or renew the lease; return (held, current holder).
 
@@ -1082,10 +1083,11 @@ class StateStore:
         ts = utc_naive(now)
         expires = ts + dt.timedelta(seconds=ttl_s)
         lt = self.lease
+        poll = utc_naive(last_poll) if last_poll is not None else None
         with self.engine.begin() as conn:
             cond = sa.or_(lt.c.Holder == holder, lt.c.ExpiresAt < ts)
             res = conn.execute(sa.update(lt).where(lt.c.Name == LEASE_NAME, cond).values(
-                Holder=holder, Host=host, Pid=pid, ExpiresAt=expires,
+                Holder=holder, Host=host, Pid=pid, ExpiresAt=expires, LastPollAt=poll,
                 AcquiredAt=sa.case((lt.c.Holder == holder, lt.c.AcquiredAt), else_=ts)))
             if res.rowcount == 1:
                 return True, holder
@@ -1095,7 +1097,7 @@ class StateStore:
                     with conn.begin_nested():
                         conn.execute(sa.insert(lt).values(
                             Name=LEASE_NAME, Holder=holder, Host=host, Pid=pid,
-                            AcquiredAt=ts, ExpiresAt=expires))
+                            AcquiredAt=ts, ExpiresAt=expires, LastPollAt=poll))
                     return True, holder
                 except sa.exc.IntegrityError:
                     row = conn.execute(sa.select(lt).where(lt.c.Name == LEASE_NAME)).first()
@@ -1103,7 +1105,8 @@ class StateStore:
             if holder_alive is False:
                 res = conn.execute(sa.update(lt).where(
                     lt.c.Name == LEASE_NAME, lt.c.Holder == row.Holder).values(
-                    Holder=holder, Host=host, Pid=pid, ExpiresAt=expires, AcquiredAt=ts))
+                    Holder=holder, Host=host, Pid=pid, ExpiresAt=expires, AcquiredAt=ts,
+                    LastPollAt=poll))
                 if res.rowcount == 1:
                     return True, holder
             return False, str(row.Holder)
@@ -1114,9 +1117,13 @@ class StateStore:
             row = conn.execute(sa.select(self.lease).where(self.lease.c.Name == LEASE_NAME)).first()
             return None if row is None else dict(row._mapping)
 
-    def release_lease(self, *, holder: str) -> None:
-        """Give the lease up (graceful stop) so a successor starts at once."""
+    def release_lease(self, *, holder: str, flags: dict[str, str | None] | None = None,
+                      now: dt.datetime | None = None) -> None:
+        """Give the lease up (graceful stop) so a successor starts at once; set ``flags``."""
         with self.engine.begin() as conn:
+            for name, value in (flags or {}).items():
+                self._set_flag(conn, name, value, utc_naive(now or dt.datetime.now(
+                    dt.timezone.utc)))
             conn.execute(sa.delete(self.lease).where(self.lease.c.Name == LEASE_NAME,
                                                      self.lease.c.Holder == holder))
 
