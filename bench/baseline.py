@@ -1,4 +1,6 @@
-"""The original design, reproduced for side-by-side figures (seed README, "Detalhes de funcionamento").
+"""The original design, reproduced for side-by-side figures.
+
+See the seed README, "Detalhes de funcionamento".
 
 Every poll it opens ONE transaction on the LIS database, reads the items above
 ``LastItemId``, groups them by requisition and, still inside that transaction, sends

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-
 import os
 import random
 import uuid
@@ -57,7 +56,7 @@ def postgres_available() -> str | None:
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("select 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure means "no server"
+    except Exception as exc:  # any failure means "no server"
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     finally:
         engine.dispose()
@@ -157,7 +156,8 @@ def seed(db: BenchDb, *, items: int | None = None, requisitions: int | None = No
     return {"items": n_items, "requisitions": n_reqs, "max_item_id": max_id}
 
 
-def _insert(backend: str, cur: object, table: str, cols: tuple[str, ...], rows: list[tuple]) -> None:
+def _insert(backend: str, cur: object, table: str, cols: tuple[str, ...],
+            rows: list[tuple]) -> None:
     if not rows:
         return
     names = ", ".join(f'"{c}"' for c in cols)

@@ -38,7 +38,7 @@ def _postgres_version() -> str | None:
     try:
         with engine.connect() as conn:
             return str(conn.execute(sa.text("SHOW server_version")).scalar())
-    except Exception:  # noqa: BLE001 - absent server
+    except Exception:  # absent server
         return None
     finally:
         engine.dispose()

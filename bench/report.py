@@ -136,7 +136,8 @@ def render(out: dict[str, Any]) -> str:
                      c["orders_per_s_sustained"], c["orders_per_s_end_to_end"],
                      c["theoretical_per_s"], c["ratio_sustained"], vs, c["cpu_s"]])
     rows.sort(key=lambda r: (r[0], r[1], 0 if isinstance(r[2], str) else r[2], -r[3]))
-    parts += [_table(["banco", "latência ms", "concorrência", "POLL_SECONDS", "entregues", "execução",
+    parts += [_table(["banco", "latência ms", "concorrência", "POLL_SECONDS", "entregues",
+                      "execução",
                       "pedidos/s sustentado", "pedidos/s ponta a ponta", "teórico/s",
                       "razão (sust./teórico)", "× original", "CPU s"], rows), ""]
     if out["baseline"]:
@@ -165,10 +166,13 @@ def render(out: dict[str, Any]) -> str:
         i0 = out["idle"][0]
         parts += ["## 3. Ocioso", "",
                   f"Nada novo no LIS; POLL_SECONDS={i0['poll_seconds']}; janela de "
-                  f"{i0['seconds']} s após {i0['warmup_s']} s de aquecimento. CPU = `os.times()` do processo "
+                  f"{i0['seconds']} s após {i0['warmup_s']} s de aquecimento. "
+                  "CPU = `os.times()` do processo "
                   "do monitor (todas as threads) ÷ tempo. Comandos SQL contados pelo evento "
-                  "`before_cursor_execute` de cada engine; “checkouts” = conexões tiradas do "
-                  "pool (cada uma faz um ping, `pool_pre_ping`).", "",
+                  "`before_cursor_execute` de cada engine (no SQLite, o `BEGIN` explícito, "
+                  "que roda dentro do processo, não conta); “checkouts” = conexões tiradas do "
+                  "pool (sem ping: uma conexão que o servidor fechou é trocada na primeira "
+                  "falha).", "",
                   _table(["banco", "leituras", "CPU % de 1 núcleo", "SQL LIS/min",
                           "SQL estado/min", "checkouts LIS/min", "checkouts estado/min",
                           "SQL LIS/leitura", "SQL total/leitura", "chamadas HTTP"],

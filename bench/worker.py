@@ -32,18 +32,26 @@ from .data import LAB
 
 
 class Counters:
-    """SQL statements and pool checkouts of one engine (each checkout pings: pool_pre_ping)."""
+    """SQL statements and pool checkouts of one engine.
+
+    SQLite's explicit BEGIN (issued by the project's connection hook, in-process) is counted
+    apart: it is not a round trip to a server.
+    """
 
     def __init__(self, engine: sa.Engine) -> None:
         self.statements = 0
+        self.begins = 0
         self.checkouts = 0
         self.lock = threading.Lock()
         sa.event.listen(engine, "before_cursor_execute", self._stmt)
         sa.event.listen(engine, "checkout", self._checkout)
 
-    def _stmt(self, *_args: Any) -> None:
+    def _stmt(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         with self.lock:
-            self.statements += 1
+            if statement.lstrip().upper().startswith("BEGIN"):
+                self.begins += 1
+            else:
+                self.statements += 1
 
     def _checkout(self, *_args: Any) -> None:
         with self.lock:
@@ -164,10 +172,10 @@ def main(argv: list[str]) -> int:
                     if done >= cfg["stop_delivered"]:
                         stop_reason[0] = "all delivered"
                         break
-                if probe is not None and cfg.get("stop_checkpoint"):
-                    if probe.checkpoint() >= cfg["stop_checkpoint"]:
-                        stop_reason[0] = "backlog ingested"
-                        break
+                if (probe is not None and cfg.get("stop_checkpoint")
+                        and probe.checkpoint() >= cfg["stop_checkpoint"]):
+                    stop_reason[0] = "backlog ingested"
+                    break
             except sa.exc.SQLAlchemyError:
                 continue  # busy database: look again on the next tick
         snaps["end"] = snap()

@@ -61,8 +61,8 @@ def browser() -> Iterator[Any]:
         _skip_or_fail("Chromium/ChromeDriver ausentes (apt-get install chromium chromium-driver)")
     try:
         # Imported here: without selenium the test must skip (or fail in CI), not crash.
-        from selenium import webdriver  # noqa: PLC0415
-        from selenium.webdriver.chrome.service import Service  # noqa: PLC0415
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
     except ImportError:
         _skip_or_fail("selenium não instalado (pip install -e '.[test]')")
     opts = webdriver.ChromeOptions()
@@ -178,8 +178,8 @@ def test_login_see_dead_letter_reenviar_and_simulator_gets_it_once(
 
 
 def _login_see_dead_letter_reenviar(browser: Any, base: str, sim: Simulator) -> None:
-    from selenium.webdriver.common.by import By  # noqa: PLC0415 - see the fixture
-    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 20, poll_frequency=0.1)
     saved_before = [t for t in sim.saved_tests() if t["order_external_id"] == "order-1"]

@@ -159,7 +159,7 @@ def test_run_once_with_the_database_down_is_one_portuguese_line(
 
 
 def test_run_with_bemsoft_down_warns_in_portuguese_naming_host_and_port(tmp_path: Path) -> None:
-    import socket  # noqa: PLC0415
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,7 +192,7 @@ def test_invalid_map_file_stops_the_start_with_path_line_and_column(
 
 
 def test_simulator_command_serves_the_sample_catalogue(tmp_path: Path) -> None:
-    import socket  # noqa: PLC0415
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,7 +200,7 @@ def test_simulator_command_serves_the_sample_catalogue(tmp_path: Path) -> None:
     proc = subprocess.Popen(cli("simulator", "--port", str(port)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        import requests  # noqa: PLC0415
+        import requests
 
         deadline = time.monotonic() + 20
         body = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -46,18 +47,15 @@ class TcpProxy:
 
     def down(self) -> None:
         if self.server is not None:
-            try:  # wakes the thread blocked in accept(); close() alone would not on Linux
+            # Wakes the thread blocked in accept(); close() alone would not on Linux.
+            with contextlib.suppress(OSError):
                 self.server.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self.server.close()
             self.server = None
         with self.lock:
             for s in self.sockets:
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
             self.sockets.clear()
 
@@ -86,10 +84,8 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
 
 def _via(url: str, port: int) -> str:

@@ -72,7 +72,7 @@ def connect_arguments(engine: Any) -> tuple[list[Any], dict[str, Any]]:
 
 def require_pyodbc() -> None:
     try:
-        import pyodbc  # noqa: F401, PLC0415
+        import pyodbc  # noqa: F401
     except ImportError as exc:  # libodbc.so.2 missing (apt-get install unixodbc)
         print(f"pyodbc indisponível: {exc}")
         pytest.skip(f"pyodbc indisponível: {exc}")
@@ -80,7 +80,7 @@ def require_pyodbc() -> None:
 
 def require_mssql_python() -> None:
     try:
-        import mssql_python  # noqa: F401, PLC0415
+        import mssql_python  # noqa: F401
     except ImportError as exc:
         print(f"mssql-python indisponível: {exc}")
         pytest.skip(f"mssql-python indisponível: {exc}")

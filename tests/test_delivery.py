@@ -83,7 +83,7 @@ def test_next_day_collection_is_never_in_an_earlier_batch(
     lis.requisition(5, dtaentrada=dt.datetime(2026, 7, 1), Hora="23:40")
     lis.item(5, "FE", DataEntrada=dt.datetime(2026, 7, 1, 23, 45))
     lis.item(5, "TSH", DataEntrada=dt.datetime(2026, 7, 2, 0, 15))
-    monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    monitor, _parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
     drive(monitor, clock)
     saved = sim.saved_tests()
     assert len(saved) == 2  # the simulator drops tests collected after the batch date
@@ -233,7 +233,7 @@ def test_circuit_breaker_sends_one_probe_per_interval_during_an_outage(
     sim.set_faults([{"kind": "status", "status": 503}] * 1000)
     settings = make_settings(url, tmp_path, sim, bemsoft_breaker_seconds=10,
                              bemsoft_concurrency=1)
-    monitor, parts = make_monitor(settings, clock)
+    monitor, _parts = make_monitor(settings, clock)
     for _ in range(60):  # 60 s of outage
         monitor.cycle()
         clock.advance(1)
@@ -356,7 +356,7 @@ def test_no_external_id_exceeds_the_limit(
     lis.requisition(2147483600, patient=123456789)
     lis.item(2147483600, "FE", item_id=2147483000)
     with Simulator(extid_max=limit) as sim:
-        monitor, parts = make_monitor(
+        monitor, _parts = make_monitor(
             make_settings(url, tmp_path, sim, bemsoft_extid_max=limit), clock)
         drive(monitor, clock)
         assert len(sim.saved_tests()) == 1
@@ -367,10 +367,10 @@ def test_no_external_id_exceeds_the_limit(
         monitor.close()
 
 
-def test_refused_items_requeued_by_another_process_during_a_settle_are_sent_once(
+def test_refused_items_requeued_by_another_process_during_a_settle_are_sent_once(  # noqa: PLR0917
         lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock,
         caplog: pytest.LogCaptureFixture) -> None:
-    """``retry --refused`` (another process) writes while the monitor settles the same requisition."""
+    """``retry --refused`` (another process) writes while the monitor settles a requisition."""
     lis.patient()
     lis.requisition(1)
     fe = lis.item(1, "FE")

@@ -33,7 +33,7 @@ BUILD_TIMEOUT_S = 1200
 def exe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Build the spec once for this run (a few minutes) into a temporary folder."""
     try:
-        import PyInstaller  # noqa: F401, PLC0415 - only to know whether the build can run
+        import PyInstaller  # noqa: F401 - only to know whether the build can run
     except ImportError:
         reason = "PyInstaller não instalado (extra 'build')"
         if IN_CI:  # the executable's smoke test is part of the test command

@@ -234,7 +234,7 @@ def test_two_monitors_never_send_concurrently_and_the_survivor_takes_over(
              for h in holders}
     print(f"envios por monitor: { {h: sum(r.Holder == h for r in rows) for h in holders} }")
     assert len(holders) == 2, holders
-    (a_start, a_end), (b_start, b_end) = sorted(spans.values())
+    (_a_start, a_end), (b_start, _b_end) = sorted(spans.values())
     assert a_end <= b_start, spans
     lis.dispose()
 

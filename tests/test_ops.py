@@ -462,11 +462,11 @@ class _TlsFront:
     """HTTPS on 127.0.0.1 with a self-signed certificate, relaying GETs to the simulator."""
 
     def __init__(self, folder: Path, sim: Simulator) -> None:
-        import http.server  # noqa: PLC0415
-        import ssl  # noqa: PLC0415
-        import threading  # noqa: PLC0415
+        import http.server
+        import ssl
+        import threading
 
-        import requests  # noqa: PLC0415
+        import requests
 
         self.cert, key = folder / "cert.pem", folder / "key.pem"
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",

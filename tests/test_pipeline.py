@@ -348,7 +348,7 @@ def test_a_state_store_from_an_older_version_gets_the_new_columns(
     lis.patient()
     lis.requisition(1)
     lis.item(1, "FE", item_id=1)
-    monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
+    monitor, _parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
     drive(monitor, clock)
     assert [t["test_external_id"] for t in sim.saved_tests()] == ["item-1"]
     with engine.connect() as conn:

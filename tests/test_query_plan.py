@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-
 from bench.plan import build_large_itemsol, explain, itemsol_access, poll_query_sql
 
 ROWS = 1_000_000

@@ -21,7 +21,7 @@ def backoff_delay_s(
     Full jitter: uniform in [0, min(cap, base·2^(attempt-1))]. A server's Retry-After is a
     floor: we never come back earlier than asked, even above the cap.
     """
-    exp = min(cap_s, base_s * (2 ** max(0, min(attempt - 1, 62))))
+    exp = min(cap_s, base_s * float(2 ** max(0, min(attempt - 1, 62))))
     delay = exp * rand()
     if retry_after_s is not None and retry_after_s > delay:
         delay = retry_after_s

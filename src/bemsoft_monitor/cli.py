@@ -71,7 +71,7 @@ def settings_or_exit(**overrides: Any) -> Settings:
     except ConfigError as exc:
         err_console.print("[bold red]Configuração inválida[/] (arquivo .env ou variáveis de "
                           "ambiente):", highlight=False)
-        from .ops import missing_env_file_line  # noqa: PLC0415
+        from .ops import missing_env_file_line
 
         no_env = missing_env_file_line()
         if no_env:
@@ -86,7 +86,7 @@ def settings_or_exit(**overrides: Any) -> Settings:
 
 def configure_logging(settings: Settings, *, verbose: bool = False) -> None:
     """Logging from the settings; ``--verbose`` means DEBUG (payloads shown, masked)."""
-    from .logsetup import setup_logging  # noqa: PLC0415
+    from .logsetup import setup_logging
 
     try:
         setup_logging(
@@ -131,8 +131,8 @@ def run(
     """Roda o monitor: lê o LIS, espera a solicitação assentar e envia à Bemsoft."""
     settings = settings_or_exit(**({"http_addr": http} if http else {}))
     configure_logging(settings, verbose=verbose)
-    from .app import build_monitor, build_parts  # noqa: PLC0415
-    from .ops import writable_dir_problem  # noqa: PLC0415
+    from .app import build_monitor, build_parts
+    from .ops import writable_dir_problem
 
     problem = writable_dir_problem(Path(settings.failed_dir))
     if problem:
@@ -171,7 +171,7 @@ def _log_started(settings: Settings) -> None:
 
 def _database_down(settings: Settings, exc: BaseException) -> typer.Exit:
     """One ✗ line (passwords masked) for a database that cannot be reached; the exit."""
-    from .ops import db_error_text  # noqa: PLC0415
+    from .ops import db_error_text
 
     err_console.print(f"✗ banco de dados inacessível: {db_error_text(exc, settings.secrets)}; "
                       "nada foi lido nem enviado — rode 'bemsoft-monitor check' para o "
@@ -184,7 +184,7 @@ def _run_once(settings: Settings, parts: Any, monitor: Any) -> None:
 
     The loop (``run``) waits for the database instead; one cycle has nothing to wait for.
     """
-    import sqlalchemy as sa  # noqa: PLC0415
+    import sqlalchemy as sa
 
     try:
         monitor.start()  # creates the state tables: the first thing that needs the database
@@ -217,14 +217,14 @@ def _start_services(settings: Settings, monitor: Any) -> list[Any]:
     """The HTTP endpoint (HTTP_ADDR / --http) and the alerter, when configured."""
     services: list[Any] = []
     if settings.http_addr:
-        from .web import HttpBindError, Painel, start_http  # noqa: PLC0415
+        from .web import HttpBindError, Painel, start_http
 
         try:
             services.append(start_http(Painel(settings, monitor), settings.http_addr))
         except HttpBindError as exc:
             err_console.print(f"✗ HTTP_ADDR/--http: {exc}", highlight=False, markup=False)
             raise typer.Exit(RET_CONFIG) from None
-    from .alerts import build_alerter  # noqa: PLC0415
+    from .alerts import build_alerter
 
     alerter = build_alerter(settings, monitor)
     if alerter is not None:
@@ -257,7 +257,7 @@ def simulator(
                                            help="Latência fixa por POST, em segundos.")] = 0.0,
 ) -> None:
     """Simulador local da API Bemsoft (GET /tests, POST /requests, GET /saved)."""
-    from .simulator import serve  # noqa: PLC0415
+    from .simulator import serve
 
     if catalog is not None and not catalog.is_file():
         err_console.print(f"✗ arquivo de catálogo não encontrado: {catalog}", highlight=False,
@@ -274,7 +274,7 @@ def demo(
     Path("demo_run"),
 ) -> None:
     """Demonstração completa: LIS SQLite de exemplo + simulador local, nada a configurar."""
-    from .demo import run_demo  # noqa: PLC0415
+    from .demo import run_demo
 
     raise typer.Exit(run_demo(folder))
 
@@ -382,7 +382,7 @@ def cli_command() -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (usage errors: one Portuguese line, exit 2)."""
-    from .cli_ops import run_app  # noqa: PLC0415
+    from .cli_ops import run_app
 
     run_app(argv)
 

@@ -97,7 +97,7 @@ def _age(seconds: float | None) -> str:
 
 def _cache(settings: Settings) -> CatalogCache:
     """The persisted copy (loaded now) with the configured client as its source."""
-    from .app import build_client  # noqa: PLC0415 - the engine stack loads only when needed
+    from .app import build_client
 
     return CatalogCache(
         fetch=build_client(settings).fetch_catalog,
@@ -309,8 +309,8 @@ def _since(settings: Settings, days: int) -> dt.datetime | None:
 
 def _read_codes(settings: Settings, since: dt.datetime | None) -> list[dict[str, object]]:
     # Database drivers load only for the command that reads the LIS.
-    from .dbconn import lis_schema, lis_url, make_engine  # noqa: PLC0415
-    from .source import LisSource, install_sqlite_functions, lis_tables  # noqa: PLC0415
+    from .dbconn import lis_schema, lis_url, make_engine
+    from .source import LisSource, install_sqlite_functions, lis_tables
 
     try:
         engine = make_engine(lis_url(settings), settings=settings)
@@ -327,7 +327,7 @@ def _read_codes(settings: Settings, since: dt.datetime | None) -> list[dict[str,
             conn.rollback()  # read-only: nothing to keep
         return rows
     except sa.exc.SQLAlchemyError as exc:
-        from .ops import db_error_text  # noqa: PLC0415 - the engine stack loads only here
+        from .ops import db_error_text
 
         reason = db_error_text(exc, settings.secrets)
         raise _fail(f"não foi possível ler os exames do LIS: {reason}; confira DB_URL ou "

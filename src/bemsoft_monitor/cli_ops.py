@@ -144,7 +144,7 @@ def _summary(summary: ops.RetrySummary, *, send: bool, shown_one_by_one: bool) -
 
 
 def _retry_refused(settings: Settings, *, send: bool, verbose: bool) -> None:
-    from .app import build_monitor, build_parts  # noqa: PLC0415
+    from .app import build_monitor, build_parts
 
     try:
         parts = build_parts(settings, state_in_memory=False)
@@ -247,7 +247,7 @@ def retry(
         raise typer.Exit(RET_OK)
     if send:
         _prepare_move_ok(move_ok)
-    from .app import build_monitor, build_parts  # noqa: PLC0415
+    from .app import build_monitor, build_parts
 
     try:
         parts = build_parts(settings, state_in_memory=False)
@@ -401,7 +401,7 @@ def check(
         "--offline", help="Não acessa a Bemsoft (só configuração, banco e pastas).")] = False,
 ) -> None:
     """Diagnóstico da instalação: configuração, driver ODBC, banco, tabelas, Bemsoft, relógio."""
-    from .config import load_settings  # noqa: PLC0415
+    from .config import load_settings
 
     try:
         settings = load_settings()
@@ -530,7 +530,7 @@ def _command_path(root: Any, argv: Sequence[str]) -> str:
 
 def run_app(argv: list[str] | None = None) -> None:
     """Run the CLI; usage mistakes give one Portuguese line and exit 2 (not click's 3 lines)."""
-    from .cli import cli_command  # noqa: PLC0415
+    from .cli import cli_command
 
     args = list(sys.argv[1:] if argv is None else argv)
     command = cli_command()

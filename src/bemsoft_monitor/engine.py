@@ -307,7 +307,7 @@ class Monitor:
                 log.warning("não foi possível liberar a trava (lease); ela expira sozinha")
             self._lease_held = False
 
-    # --- lease ------------------------------------------------------------------------------------------
+    # --- lease ------------------------------------------------------------------------------------
     def hold_lease(self) -> bool:
         """Take or renew the lease; on taking it, recover orders a dead holder left in flight."""
         now = self.clock.now()
@@ -348,7 +348,7 @@ class Monitor:
         self.metrics.lease_held.set(1 if held else 0)
         return held
 
-    # --- cycle --------------------------------------------------------------------------------------------
+    # --- cycle ------------------------------------------------------------------------------------
     def cycle(self, *, drain: bool = True) -> CycleStats:
         """One full cycle: read, settle what is due, send what is due.
 
@@ -406,7 +406,7 @@ class Monitor:
                 log.info("conexão com o banco fechada pelo servidor; reconectando")
         return step()
 
-    # --- ingest -----------------------------------------------------------------------------------------
+    # --- ingest -----------------------------------------------------------------------------------
     def _ingest(self, stats: CycleStats) -> None:
         """Read new items (and late commits inside open gaps) window by window.
 
@@ -453,7 +453,7 @@ class Monitor:
         self.last_successful_poll = self.clock.now()
         self.metrics.last_successful_poll.set(self.last_successful_poll.timestamp())
 
-    # --- catalogue ----------------------------------------------------------------------------------------
+    # --- catalogue --------------------------------------------------------------------------------
     def _refresh_catalog(self) -> None:
         if self.catalog is None or self.s.bemsoft_dry_run:
             return
@@ -517,7 +517,7 @@ class Monitor:
         """Put every refused item back in the queue (``retry --refused``)."""
         return self.store.requeue_refused(now=self.clock.now())
 
-    # --- settle ------------------------------------------------------------------------------------------
+    # --- settle -----------------------------------------------------------------------------------
     def _settle_due(self, stats: CycleStats) -> None:
         """Settle every due requisition, a chunk per transaction, sends running in between."""
         now = self.clock.now()
@@ -632,7 +632,7 @@ class Monitor:
             log.error("não foi possível gravar o relatório de itens recusados %s: %s; %s",
                       self.s.refused_report, os_error_text(exc), os_error_fix(exc))
 
-    # --- send ---------------------------------------------------------------------------------------------
+    # --- send -------------------------------------------------------------------------------------
     def _send(self, stats: CycleStats, *, drain: bool) -> None:
         if self.s.bemsoft_dry_run or self.client is None:
             return
@@ -760,7 +760,7 @@ class Monitor:
         while order is not None:
             try:
                 outcome = self.client.post_order(order.payload, key=order.key)
-            except Exception as exc:  # noqa: BLE001 - a send must never crash the loop
+            except Exception as exc:  # a send must never crash the loop
                 outcome = Outcome(Kind.NO_ANSWER, None, f"erro inesperado no envio: {exc!r}")
             self._answers.put((order, outcome))
             self._answered.set()
@@ -1000,7 +1000,8 @@ class Monitor:
 
     def failed_event(self, order: OrderRow, *, reason: str) -> dict[str, Any]:
         """The ``event`` of a FAILED_DIR file: the order, its items and what was sent."""
-        items = [row.snapshot.to_json() for row in self.store.requisition_items(order.requisition_id)
+        rows = self.store.requisition_items(order.requisition_id)
+        items = [row.snapshot.to_json() for row in rows
                  if row.item_id in order.item_ids and row.snapshot is not None]
         return {
             "CodSolicitacao": order.requisition_id,
@@ -1014,7 +1015,7 @@ class Monitor:
             "payload": order.payload,
         }
 
-    # --- token pause -------------------------------------------------------------------------------------
+    # --- token pause ------------------------------------------------------------------------------
     def _pause_for_token(self, outcome: Outcome, now: dt.datetime) -> None:
         """Pause all sending (the flag itself is written with the outcome)."""
         if self._auth_paused is None:
@@ -1062,7 +1063,7 @@ class Monitor:
         """The token problem while sending is paused, else None."""
         return self._auth_paused
 
-    # --- loop ----------------------------------------------------------------------------------------------------
+    # --- loop -------------------------------------------------------------------------------------
     def pump(self) -> None:
         """Between polls: renew the lease when due, record finished sends, start new ones."""
         if not self._lease_held or self.s.bemsoft_dry_run or self.client is None:
@@ -1126,7 +1127,7 @@ def is_outage(exc: sa.exc.DBAPIError) -> bool:
 
 
 def _pause_s(poll_s: float, errors_in_row: int) -> float:
-    return min(60.0, poll_s * (2 ** min(errors_in_row, 5)))
+    return float(min(60.0, poll_s * (2 ** min(errors_in_row, 5))))
 
 
 def store_naive(value: dt.datetime) -> dt.datetime:

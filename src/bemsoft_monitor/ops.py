@@ -857,7 +857,7 @@ DIALECTS = {"mssql": "mssql.pyodbc", "sqlite": "sqlite.pysqlite",
 
 def _load_dialect(name: str) -> str | None:
     """Import a dialect and its driver module; the problem text or None."""
-    from sqlalchemy.dialects import registry  # noqa: PLC0415
+    from sqlalchemy.dialects import registry
 
     try:
         registry.load(name).import_dbapi()
@@ -872,7 +872,7 @@ def bundled_components(url: sa.URL | None) -> Iterator[Check]:
     A driver the configured database needs is a failure; the others are warnings (the
     executable must carry all of them, a source install may lack the optional ones).
     """
-    from .simulator import load_catalog_sample  # noqa: PLC0415
+    from .simulator import load_catalog_sample
 
     backend = url.get_backend_name() if url is not None else None
     loaded: list[str] = []
@@ -941,7 +941,7 @@ class Checker:
         yield from bundled_components(self._lis_url())
 
     def _maps(self) -> Iterator[Check]:
-        from .catalog import load_material_map, load_test_map  # noqa: PLC0415
+        from .catalog import load_material_map, load_test_map
 
         for setting, path, loader, what in (
             ("BEMSOFT_TEST_MAP_PATH", self.s.bemsoft_test_map_path, load_test_map,
@@ -986,7 +986,7 @@ class Checker:
         if url.get_driver_name() != "pyodbc":
             return
         try:
-            import pyodbc  # noqa: PLC0415
+            import pyodbc
         except ImportError as exc:
             fix = ("instale o ODBC Driver 18 for SQL Server da Microsoft" if sys.platform ==
                    "win32" else "instale o unixODBC (apt-get install unixodbc ou yum install "
@@ -1130,9 +1130,9 @@ class Checker:
             for label in (*labels, "TLS", "relógio"):
                 yield Check("skip", label, f"não verificado ({why})")
             return
-        import requests  # noqa: PLC0415
+        import requests
 
-        from .catalog import parse_catalog  # noqa: PLC0415
+        from .catalog import parse_catalog
 
         base = self.s.bemsoft_base_url
         https = base.lower().startswith("https://")
@@ -1256,7 +1256,7 @@ class Checker:
 
 
 def _loopback(base_url: str) -> bool:
-    from urllib.parse import urlsplit  # noqa: PLC0415
+    from urllib.parse import urlsplit
 
     host = (urlsplit(base_url).hostname or "").lower()
     return host in ("localhost", "::1") or host.startswith("127.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
@@ -12,6 +13,11 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import GenericFunction
 
 from .models import LisItem
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    AnySelect: TypeAlias = sa.Select[Unpack[tuple[Any, ...]]]
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,12 @@ class lab_key(GenericFunction[str]):  # noqa: N801 - SQL function naming
 
 @compiles(lab_key)
 def _lab_key_default(element: lab_key, compiler: object, **kw: object) -> str:
-    return "UPPER(RTRIM(%s))" % compiler.process(element.clauses, **kw)  # type: ignore[attr-defined]
+    return f"UPPER(RTRIM({compiler.process(element.clauses, **kw)}))"  # type: ignore[attr-defined]
 
 
 @compiles(lab_key, "sqlite")
 def _lab_key_sqlite(element: lab_key, compiler: object, **kw: object) -> str:
-    return "bm_lab_key(%s)" % compiler.process(element.clauses, **kw)  # type: ignore[attr-defined]
+    return f"bm_lab_key({compiler.process(element.clauses, **kw)})"  # type: ignore[attr-defined]
 
 
 def _py_lab_key(value: object) -> str | None:
@@ -153,7 +159,7 @@ class LisSource:
 
     def visible_ids_query(
         self, *, after_id: int, gaps: Sequence[tuple[int, int]] = (), limit: int
-    ) -> sa.Select[tuple[int]]:
+    ) -> AnySelect:
         """Ids visible now above the checkpoint and inside open gaps, ascending, every lab.
 
         Read from the CodItemSol index only; the lower bound lets the index seek straight
@@ -169,7 +175,7 @@ class LisSource:
 
     def new_items_query(
         self, *, ranges: Sequence[tuple[int, int]], limit: int | None = None
-    ) -> sa.Select[tuple[object, ...]]:
+    ) -> AnySelect:
         """Items of the configured labs with ids inside ``ranges`` (inclusive), oldest first."""
         i = self.t.item
         col = i.c.CodItemSol
@@ -185,7 +191,7 @@ class LisSource:
         )
         return query if limit is None else query.limit(limit)
 
-    def requisition_query(self, requisition_id: int) -> sa.Select[tuple[object, ...]]:
+    def requisition_query(self, requisition_id: int) -> AnySelect:
         """Every current item of one requisition for the configured support labs."""
         i = self.t.item
         return (
@@ -195,7 +201,7 @@ class LisSource:
             .order_by(i.c.CodItemSol)
         )
 
-    def requisitions_query(self, requisition_ids: Sequence[int]) -> sa.Select[tuple[object, ...]]:
+    def requisitions_query(self, requisition_ids: Sequence[int]) -> AnySelect:
         """Every current item of several requisitions (one round trip for a settle chunk)."""
         i = self.t.item
         return (
@@ -207,7 +213,7 @@ class LisSource:
             .order_by(i.c.CodItemSol)
         )
 
-    def max_id_query(self) -> sa.Select[tuple[object]]:
+    def max_id_query(self) -> AnySelect:
         """Highest CodItemSol in the LIS (for INITIAL_ITEM_ID=max)."""
         return sa.select(sa.func.max(self.t.item.c.CodItemSol))
 
@@ -257,7 +263,7 @@ class LisSource:
     # --- exam codes in use (``mapping check``) -------------------------------------------
     def distinct_codes_query(
         self, since: dt.datetime | None, *, code_source: str = "convexames"
-    ) -> sa.Select[tuple[object, ...]]:
+    ) -> AnySelect:
         """Local exam codes of the configured labs, one row per UPPER(trimmed) code.
 
         ``code_source`` is TEST_CODE_SOURCE (``convexames`` or ``codigoexame``). An item
@@ -328,8 +334,8 @@ class LisSource:
             sample_code = m["CodigoExame"] if code_source == "codigoexame" else m["CodConvExames"]
             out.append({
                 "code_key": _str(m["code_key"]),
-                "items": int(m["n_items"] or 0),  # type: ignore[call-overload]
-                "requisitions": int(m["n_requisitions"] or 0),  # type: ignore[call-overload]
+                "items": int(m["n_items"] or 0),
+                "requisitions": int(m["n_requisitions"] or 0),
                 "sample_item_id": _int(m["sample_item_id"]),
                 "last_seen": _dt(m["last_seen"]),
                 "sample_code": _str(sample_code),
@@ -343,8 +349,8 @@ class LisSource:
 def _to_item(row: Row[tuple[object, ...]]) -> LisItem:
     m = row._mapping
     return LisItem(
-        item_id=int(m["CodItemSol"]),  # type: ignore[call-overload]
-        requisition_id=int(m["CodSolicitacao"]),  # type: ignore[call-overload]
+        item_id=int(m["CodItemSol"]),
+        requisition_id=int(m["CodSolicitacao"]),
         exam_type_id=_int(m["CodTExame"]),
         item_entered_at=_dt(m["DataEntrada"]),
         description=_str(m["DescExames"]),

@@ -46,7 +46,7 @@ ORDER_RESOLVED = "resolved"  # marked resolved by a person
 
 FINAL_ORDER_STATES = (ORDER_DELIVERED, ORDER_DEAD, ORDER_CONFERIR, ORDER_RESOLVED)
 
-_DateTime = sa.DateTime().with_variant(mssql.DATETIME2(), "mssql")
+_DateTime = sa.DateTime().with_variant(mssql.DATETIME2(), "mssql")  # type: ignore[no-untyped-call]
 # NVARCHAR(max) on SQL Server (TEXT/NTEXT are deprecated and cannot be compared or sorted).
 _LongText = sa.UnicodeText().with_variant(mssql.NVARCHAR(), "mssql")
 
