@@ -60,6 +60,16 @@ def test_other_labs_and_configured_lab_in_other_case_are_filtered_like_sql_serve
     monitor.close()
 
 
+def _seed_state_row(lis: Lis, last_item_id: int | None) -> None:
+    """The original monitor's table and row, created by the lab's previous installation."""
+    with lis.engine.begin() as conn:
+        conn.execute(sa.text('CREATE TABLE "_MonitorState" ("Name" VARCHAR(128) PRIMARY KEY, '
+                             '"LastItemId" BIGINT NULL, "UpdatedAt" TIMESTAMP NOT NULL '
+                             "DEFAULT CURRENT_TIMESTAMP)"))
+        conn.execute(sa.text('INSERT INTO "_MonitorState" ("Name", "LastItemId") '
+                             "VALUES ('ItemSolMonitor', :v)"), {"v": last_item_id})
+
+
 def test_existing_seed_checkpoint_is_honoured_on_first_start(
         lis: Lis, db_url: str, tmp_path: Path, sim: Simulator, clock: FakeClock) -> None:
     lis.patient()
@@ -67,13 +77,7 @@ def test_existing_seed_checkpoint_is_honoured_on_first_start(
     lis.requisition(2)
     lis.item(1, "FE", item_id=100)
     lis.item(2, "TSH", item_id=200)
-    # The original monitor's table and row, created by the lab's previous installation.
-    with lis.engine.begin() as conn:
-        conn.execute(sa.text('CREATE TABLE "_MonitorState" ("Name" VARCHAR(128) PRIMARY KEY, '
-                             '"LastItemId" BIGINT NULL, "UpdatedAt" TIMESTAMP NOT NULL '
-                             "DEFAULT CURRENT_TIMESTAMP)"))
-        conn.execute(sa.text('INSERT INTO "_MonitorState" ("Name", "LastItemId") '
-                             "VALUES ('ItemSolMonitor', 150)"))
+    _seed_state_row(lis, 150)
     monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim), clock)
     drive(monitor, clock)
     assert [t["test_external_id"] for t in sim.saved_tests()] == ["item-200"]
@@ -86,12 +90,7 @@ def test_a_seed_row_with_a_null_checkpoint_starts_where_initial_item_id_says(
     lis.patient()
     lis.requisition(1)
     lis.item(1, "FE", item_id=100)  # history: must not be sent with INITIAL_ITEM_ID=max
-    with lis.engine.begin() as conn:
-        conn.execute(sa.text('CREATE TABLE "_MonitorState" ("Name" VARCHAR(128) PRIMARY KEY, '
-                             '"LastItemId" BIGINT NULL, "UpdatedAt" TIMESTAMP NOT NULL '
-                             "DEFAULT CURRENT_TIMESTAMP)"))
-        conn.execute(sa.text('INSERT INTO "_MonitorState" ("Name", "LastItemId") '
-                             "VALUES ('ItemSolMonitor', NULL)"))
+    _seed_state_row(lis, None)
     monitor, parts = make_monitor(make_settings(db_url, tmp_path, sim, initial_item_id="max"),
                                   clock)
     drive(monitor, clock)
