@@ -499,19 +499,9 @@ class Settings(BaseSettings):
             raise ValueError("curto demais: use no mínimo 12 caracteres")
         return value
 
-    @field_validator("bemsoft_proxy")
+    @field_validator("bemsoft_proxy", "alert_webhook_url")
     @classmethod
-    def _proxy(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        value = value.strip()
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("deve começar com http:// ou https://")
-        return value
-
-    @field_validator("alert_webhook_url")
-    @classmethod
-    def _webhook(cls, value: str | None) -> str | None:
+    def _http_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         value = value.strip()

@@ -218,7 +218,7 @@ class Monitor:
         # Sending: each worker sends an order and, while all goes well, goes on with the
         # next claimed one without waiting for this loop (which records answers and claims
         # more in batches). ``_sending``: handed to a worker; ``_queued``: claimed, not yet
-        # on the wire (at most BEMSOFT_CONCURRENCY); answers come back through ``_answers``.
+        # on the wire (at most QUEUE_ROUNDS rounds); answers come back through ``_answers``.
         self._workers: set[cf.Future[None]] = set()
         self._sending: dict[int, OrderRow] = {}
         self._queued: collections.deque[OrderRow] = collections.deque()
@@ -523,14 +523,14 @@ class Monitor:
         now = self.clock.now()
         if self._due_known.quiet(self.store.work_version, now):
             return
-        resolver = self._resolver()
-        catalog_retried = False
-        settled = 0
         version = self.store.work_version
         next_due = self.store.next_due_at()  # idle: this one query is the whole settle step
         if next_due is None or next_due > store_naive(now):
             self._due_known.remember(version, now, next_due, self._recheck_s)
             return
+        resolver = self._resolver()
+        catalog_retried = False
+        settled = 0
         while settled < MAX_SETTLE_PER_CYCLE:
             now = self.clock.now()
             due = self.store.due_requisitions(now=now, limit=SETTLE_CHUNK)
@@ -702,14 +702,14 @@ class Monitor:
                 return []
             version = self.store.work_version
             next_at = self.store.next_attempt_at()  # idle: one query, nothing more
+            due = next_at is not None and next_at <= store_naive(now)
             fetched = self.store.claimable_orders(
                 now=now, limit=max(room, self.s.bemsoft_concurrency) * READY_ROUNDS,
-                exclude_requisitions=busy) if next_at is not None and next_at <= store_naive(
-                    now) else []
+                exclude_requisitions=busy) if due else []
             if not fetched:
-                if next_at is not None and next_at <= store_naive(now):
-                    next_at = None  # due but blocked (busy requisition): look again soon
-                self._claim_known.remember(version, now, next_at, self._recheck_s)
+                # Due but blocked (a busy requisition): look again at the next recheck.
+                self._claim_known.remember(version, now, None if due else next_at,
+                                           self._recheck_s)
                 return []
             self._ready.extend(fetched)
         out: list[int] = []

@@ -433,30 +433,30 @@ class StateStore:
         self.engine.dispose()
 
     # --- checkpoint ----------------------------------------------------------------------
-    def checkpoint(self, conn: Connection | None = None) -> int | None:
-        """LastItemId of the ``ItemSolMonitor`` row, None when there is no row yet."""
+    def _checkpoint_row(self, conn: Connection | None) -> Any:
+        """The ``ItemSolMonitor`` row's (LastItemId,), None when there is no row."""
         q = sa.select(self.state.c.LastItemId).where(self.state.c.Name == CHECKPOINT_NAME)
         if conn is not None:
-            row = conn.execute(q).first()
-        else:
-            with self._read() as c:
-                row = c.execute(q).first()
+            return conn.execute(q).first()
+        with self._read() as c:
+            return c.execute(q).first()
+
+    def checkpoint(self, conn: Connection | None = None) -> int | None:
+        """LastItemId of the ``ItemSolMonitor`` row, None when there is no row yet."""
+        row = self._checkpoint_row(conn)
         if row is None:
             return None
         return int(row[0]) if row[0] is not None else 0
 
     def checkpoint_unset(self) -> bool:
         """True when there is no checkpoint row, or the seed's row holds a NULL LastItemId."""
-        q = sa.select(self.state.c.LastItemId).where(self.state.c.Name == CHECKPOINT_NAME)
-        with self._read() as conn:
-            row = conn.execute(q).first()
+        row = self._checkpoint_row(None)
         return row is None or row[0] is None
 
     def init_checkpoint(self, value: int, now: dt.datetime) -> int:
         """Set the first checkpoint when unset (a seed row's value is honoured); return it."""
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(self.state.c.LastItemId).where(
-                self.state.c.Name == CHECKPOINT_NAME)).first()
+            row = self._checkpoint_row(conn)
             if row is None:
                 conn.execute(sa.insert(self.state).values(
                     Name=CHECKPOINT_NAME, LastItemId=value, UpdatedAt=utc_naive(now)))
